@@ -36,7 +36,7 @@ def _ema_fwd_kernel(t_ptrs, s_ptrs, sizes, blk_tensor, blk_start, tau_ptr, tau_v
     if TAU_IS_PTR:
         tau = tl.load(tau_ptr).to(tl.float32)
     else:
-        tau = tau_val.to(tl.float32)
+        tau = tau_val  # a Python float arrives as an fp32 scalar
     w = 1.0 - tau
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
