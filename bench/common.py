@@ -1,0 +1,103 @@
+"""Shared benchmark plumbing: environment facts, timing, bandwidth, Markdown and JSON output.
+
+Every benchmark runs its baseline and ours in the same process on the same tensors. On CUDA the
+timer is ``triton.testing.do_bench`` (CUDA events; median with 20/80 quantiles, after warm-up).
+On a CPU (the tiny smoke runs CI makes, under TRITON_INTERPRET=1) a perf_counter median stands
+in, so the command is testable everywhere; CPU figures are never reported as results.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+# Vendor datasheet peak HBM bandwidth, GB/s (leads; the card's measured copy bandwidth is lower).
+PEAK_GBPS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
+             "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
+
+
+def env_info() -> dict:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001 - a missing git must not stop a benchmark
+        rev = "unknown"
+    import triton
+
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "git": rev,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+    }
+
+
+def peak_bandwidth_gbps() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, val in PEAK_GBPS.items():
+        if key in name:
+            return val
+    return None
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def time_ms(fn, *, warmup: int = 10, rep: int = 50, setup=None) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of ``fn()``; ``setup()`` (untimed on CPU) restores state."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        if setup is not None:
+            setup()
+        q = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return tuple(float(x) for x in q)
+    times = []
+    for i in range(max(3, min(rep, 5)) + 1):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        if i:  # the first call is warm-up
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return statistics.median(times), times[len(times) // 5], times[(4 * len(times)) // 5]
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: list[dict], out: str | None, env: dict | None = None) -> Path | None:
+    """Append machine-readable rows (one JSON object per line, each with the environment)."""
+    if not out:
+        return None
+    env = env or env_info()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for r in rows:
+            f.write(json.dumps({"bench": name, **env, **r}) + "\n")
+    return path
