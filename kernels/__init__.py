@@ -1,10 +1,14 @@
 """Triton kernels of vssl-fast, importable as ``vssl_fast.kernels`` once installed.
 
-Each module holds one kernel family with its plain-PyTorch reference beside it.
+Each module holds one kernel family with its plain-PyTorch reference beside it:
+``cosine_loss`` (fused cosine KL + reparameterization, cosine LL), ``ema`` (multi-tensor EMA),
+``lamb`` (apex-compatible FusedLAMB) and ``lars`` (solo-learn LARS).
 """
 
 from .cosine_loss import cosine_kl_sample, cosine_kl_sample_reference, cosine_ll, cosine_ll_reference, sample_noise
-from .ema import ema_update_, ema_update_reference_
+from .ema import ema_update_, ema_update_loop_, ema_update_reference_
+from .lamb import FusedLAMB, LAMBReference
+from .lars import FusedLARS, LARSReference
 
 __all__ = [
     "cosine_kl_sample",
@@ -14,4 +18,9 @@ __all__ = [
     "sample_noise",
     "ema_update_",
     "ema_update_reference_",
+    "ema_update_loop_",
+    "FusedLAMB",
+    "LAMBReference",
+    "FusedLARS",
+    "LARSReference",
 ]
