@@ -101,3 +101,28 @@ def write_results(name: str, rows: list[dict], out: str | None, env: dict | None
         for r in rows:
             f.write(json.dumps({"bench": name, **env, **r}) + "\n")
     return path
+
+
+def model_param_set(device, tiny: bool = False):
+    """The real parameter set of the ImageNet-100 model (ResNet-18 with the VSSL heads, METHOD.md §1.2),
+    or a handful of small tensors for smoke runs. Returns (model, teacher params, student params,
+    optimizer groups), gradients filled with fixed random values."""
+    from vssl_fast.models import SSLModel
+
+    if tiny:
+        import torch.nn as nn
+
+        bb = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        model = SSLModel("vssl", num_classes=5, proj_hidden_dim=32, proj_output_dim=8, pred_hidden_dim=32,
+                         denoiser_hidden_dim=16, backbone_module=bb, feature_dim=8)
+    else:
+        model = SSLModel("vssl", backbone="resnet18", num_classes=100, proj_hidden_dim=4096, proj_output_dim=256,
+                         pred_hidden_dim=8192, denoiser_hidden_dim=4096)
+    model = model.to(device)
+    t, s = model.ema_param_lists()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    groups = model.parameter_groups(lr=1.0, weight_decay=1e-5, classifier_lr=0.1)
+    for grp in groups:
+        for p in grp["params"]:
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(device)
+    return model, t, s, groups

@@ -1,0 +1,59 @@
+"""Shared driver for the optimizer benchmarks: same parameters and gradients for every provider."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.common import model_param_set, peak_bandwidth_gbps, time_ms
+
+
+def fresh(groups):
+    """New group dicts over the same parameters (torch optimizers write 'step' etc. into them)."""
+    return [{k: (list(v) if k == "params" else v) for k, v in g.items() if k != "step"} for g in groups]
+
+
+def run_providers(op: str, providers: dict, tiny: bool, device, bytes_per_elem: int, check=None):
+    """providers: name -> factory(groups) returning a step() callable. Times each from the same state."""
+    model, _, _, groups = model_param_set(device, tiny)
+    params = [p for g in groups for p in g["params"]]
+    n = sum(p.numel() for p in params)
+    init = [p.detach().clone() for p in params]
+    peak = peak_bandwidth_gbps()
+
+    def restore():
+        for p, x in zip(params, init):
+            p.data.copy_(x)
+
+    if check is not None:
+        check(groups, restore)
+    rows = []
+    for name, factory in providers.items():
+        restore()
+        step = factory(fresh(groups))
+        if step is None:
+            rows.append(dict(op=op, provider=name, note="not available"))
+            continue
+        step()  # creates state, compiles kernels
+        ms, lo, hi = time_ms(step, setup=restore)
+        gbps = bytes_per_elem * n / (ms * 1e-3) / 1e9
+        roof_ms = bytes_per_elem * n / (peak * 1e9) * 1e3 if peak else None
+        rows.append(dict(op=op, tensors=len(params), numel=n, provider=name, ms=ms, p20=lo, p80=hi, GBps=gbps,
+                         pct_peak=100 * gbps / peak if peak else None, x_roofline=ms / roof_ms if roof_ms else None))
+    ref = next(r["ms"] for r in rows if r["provider"] == "reference")
+    for r in rows:
+        if "ms" in r:
+            r["speedup_vs_reference"] = ref / r["ms"]
+    restore()
+    return rows
+
+
+def assert_same_step(make_a, make_b, groups, restore, rtol=1e-4, atol=1e-6, what=""):
+    """One step of two implementations from the same state gives the same parameters."""
+    params = [p for g in groups for p in g["params"]]
+    restore()
+    make_a(fresh(groups))()
+    a = [p.detach().clone() for p in params]
+    restore()
+    make_b(fresh(groups))()
+    for i, (x, p) in enumerate(zip(a, params)):
+        torch.testing.assert_close(x, p.detach(), rtol=rtol, atol=atol, msg=lambda m, i=i: f"{what} tensor {i}: {m}")
