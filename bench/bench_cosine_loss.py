@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from bench.common import bench_device, env_info, markdown_table, peak_bandwidth_gbps, time_ms, write_results
+from bench.common import bench_device, env_info, header, markdown_table, peak_bandwidth_gbps, time_ms, write_results
 from vssl_fast import kernels as K
 
 
@@ -104,8 +104,7 @@ def main(argv=None):
     shapes = [(4, 8), (8, 3)] if args.tiny else [(B, d) for B in (256, 1024, 8192) for d in (256, 2048)]
     env = env_info()
     rows = run(shapes, device)
-    print(f"# cosine loss fwd+bwd on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-          f"CUDA {env['cuda']}, git {env['git']}, {env['date']})")
+    print(header("cosine loss fwd+bwd", env))
     print(markdown_table(rows, ["op", "B", "d", "provider", "ms", "p20", "p80", "GBps", "pct_peak",
                                 "speedup_vs_eager", "speedup_vs_compiled"]))
     write_results("cosine_loss", rows, args.out, env)

@@ -16,7 +16,16 @@ import argparse
 import torch
 from vssl_fast.kernels import ema_update_, ema_update_loop_, ema_update_reference_
 
-from bench.common import bench_device, env_info, markdown_table, model_param_set, peak_bandwidth_gbps, time_ms, write_results
+from bench.common import (
+    bench_device,
+    env_info,
+    header,
+    markdown_table,
+    model_param_set,
+    peak_bandwidth_gbps,
+    time_ms,
+    write_results,
+)
 
 
 def run(tiny: bool, device):
@@ -69,7 +78,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     env = env_info()
     rows = run(args.tiny, bench_device())
-    print(f"# EMA on {env['device']} (torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, git {env['git']}, {env['date']})")
+    print(header("EMA", env))
     print(markdown_table(rows, ["op", "tensors", "numel", "provider", "ms", "p20", "p80", "GBps", "pct_peak", "vs_flat"]))
     write_results("ema", rows, args.out, env)
     return rows

@@ -18,7 +18,7 @@ import torch
 from vssl_fast.kernels import FusedLAMB, LAMBReference
 
 from bench.bench_optim_common import assert_same_step, run_providers
-from bench.common import bench_device, env_info, markdown_table, write_results
+from bench.common import bench_device, env_info, header, markdown_table, write_results
 
 KW = dict(lr=2e-3, weight_decay=0.01, max_grad_norm=1.0)
 
@@ -98,7 +98,7 @@ def main(argv=None):
         assert_same_step(p["reference"], p["foreach"], groups, restore, what="foreach LAMB vs reference")
 
     rows = run_providers("lamb", p, args.tiny, bench_device(), 48, check)
-    print(f"# LAMB on {env['device']} (torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, git {env['git']}, {env['date']})")
+    print(header("LAMB", env))
     print(markdown_table(rows, ["op", "tensors", "numel", "provider", "ms", "p20", "p80", "GBps", "pct_peak", "x_roofline",
                                 "speedup_vs_reference", "note"]))
     write_results("lamb", rows, args.out, env)

@@ -16,7 +16,7 @@ import torch
 from vssl_fast.kernels import FusedLARS, LARSReference
 
 from bench.bench_optim_common import assert_same_step, run_providers
-from bench.common import bench_device, env_info, markdown_table, write_results
+from bench.common import bench_device, env_info, header, markdown_table, write_results
 
 KW = dict(lr=1.0, weight_decay=1e-5, momentum=0.9, eta=0.02)
 
@@ -71,7 +71,7 @@ def main(argv=None):
         assert_same_step(p["reference"], p["foreach"], groups, restore, what="foreach LARS vs reference")
 
     rows = run_providers("lars", p, args.tiny, bench_device(), 28, check)
-    print(f"# LARS on {env['device']} (torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, git {env['git']}, {env['date']})")
+    print(header("LARS", env))
     print(markdown_table(rows, ["op", "tensors", "numel", "provider", "ms", "p20", "p80", "GBps", "pct_peak", "x_roofline",
                                 "speedup_vs_reference"]))
     write_results("lars", rows, args.out, env)

@@ -126,3 +126,8 @@ def model_param_set(device, tiny: bool = False):
         for p in grp["params"]:
             p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(device)
     return model, t, s, groups
+
+
+def header(title: str, env: dict) -> str:
+    return (f"# {title} on {env['device']} (torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+            f"git {env['git']}, {env['date']})")

@@ -15,7 +15,8 @@ def test_bench_tiny_runs_and_writes_rows(name, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| provider |" in text or "| provider | ms |" in text or " provider " in text
     timed = [r for r in rows if "ms" in r]
-    want = {"fused", "eager", "compiled"} if name == "bench_cosine_loss" else {"ours", "reference" if name != "bench_ema" else "loop"}
+    base = "loop" if name == "bench_ema" else "reference"
+    want = {"fused", "eager", "compiled"} if name == "bench_cosine_loss" else {"ours", base}
     assert want <= {r["provider"] for r in timed}
     assert all(r["ms"] > 0 for r in timed)
     lines = [json.loads(x) for x in out.read_text().splitlines()]
