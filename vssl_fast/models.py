@@ -170,6 +170,18 @@ class SSLModel(nn.Module):
                     if bt.is_floating_point():
                         bt.copy_(bs)
 
+    # ------------------------------------------------------------------ forward
+    def forward(self, x1, x2, labels=None, cfg=None, seed=0, eps=None):
+        """The whole objective of one step (``vssl_fast.method.compute_loss``): returns (loss, parts).
+
+        Going through ``forward`` lets DistributedDataParallel and torch.compile wrap the step.
+        """
+        from vssl_fast.method import MethodConfig, compute_loss
+
+        out = compute_loss(self, x1, x2, labels, cfg if cfg is not None else MethodConfig(method=self.method),
+                           seed=seed, eps=eps)
+        return out.loss, out.parts
+
     # ------------------------------------------------------------------ forward pieces
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.latent_dim

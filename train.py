@@ -1,0 +1,38 @@
+"""Train VSSL (or the BYOL control) and evaluate it.
+
+One process (CPU or one GPU):
+    python train.py --preset smoke                       # a few minutes on a CPU, real CIFAR-10 JPEGs
+    python train.py --preset cifar10 --run-dir runs/c10  # the paper's CIFAR-10 recipe on one GPU
+    python train.py --preset cifar10 --method.method=byol --run-dir runs/c10-byol
+Several processes on one machine (gloo on CPU, NCCL on GPUs):
+    torchrun --standalone --nproc_per_node=2 train.py --preset smoke --run-dir runs/smoke2
+    torchrun --standalone --nproc_per_node=8 train.py --preset imagenet100 --data.path=data/imagenet100
+Several nodes (run on every node; NODE_RANK 0..N-1, MASTER = the first node's address):
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=$MASTER:29500 --rdzv_id=vssl train.py --preset imagenet100
+Resume after an interruption: add --resume auto (the newest complete checkpoint in the run dir).
+Overrides: --section.key=value (see vssl_fast/config.py); unknown keys are errors.
+"""
+
+import sys
+
+from vssl_fast.config import ConfigError, load_config
+from vssl_fast.trainer import Trainer
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = load_config(argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,59 @@
+"""Data: sources (decode once, cache), device-side augmentations, loaders."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from vssl_fast.data.augment import MEANS_STDS, view_specs
+from vssl_fast.data.loader import DeviceEvalLoader, DeviceTwoViewLoader
+from vssl_fast.data.sources import DataNotFound, load_cifar_arrays, resolve_data_path
+
+__all__ = ["build_data", "DataNotFound", "resolve_data_path", "DataBundle"]
+
+log = logging.getLogger("vssl_fast")
+
+
+class DataBundle:
+    def __init__(self, train, val, bank, num_classes, describe):
+        self.train, self.val, self.bank, self.num_classes, self.describe = train, val, bank, num_classes, describe
+
+
+def _to_device_uint8(x: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> DataBundle:
+    """The training loader (two views), the validation loader and the kNN memory-bank loader."""
+    d = cfg.data
+    if d.dataset in ("cifar10", "cifar100"):
+        arr = load_cifar_arrays(d.path, d.dataset, d.cache_dir, d.download)
+        tx, ty, vx, vy = arr.train_x, arr.train_y, arr.test_x, arr.test_y
+        # subsets are a fixed random sample (files come class by class, so a prefix would be one class)
+        if d.train_subset:
+            keep = np.sort(np.random.default_rng(0).permutation(len(tx))[: d.train_subset])
+            tx, ty = tx[keep], ty[keep]
+        if d.val_subset:
+            keep = np.sort(np.random.default_rng(1).permutation(len(vx))[: d.val_subset])
+            vx, vy = vx[keep], vy[keep]
+        dt = torch.bfloat16 if device.type == "cuda" and cfg.train.precision in ("auto", "bf16") else torch.float32
+        cl = device.type == "cuda" and cfg.model.channels_last
+        train_x, val_x = _to_device_uint8(tx, device), _to_device_uint8(vx, device)
+        train_y, val_y = torch.from_numpy(ty).to(device), torch.from_numpy(vy).to(device)
+        specs = view_specs(d.dataset, d.augmentations, d.crop_size)
+        train = DeviceTwoViewLoader(train_x, train_y, cfg.train.batch_size, specs, cfg.train.seed, rank, world, cl, dt)
+        mean, std = MEANS_STDS["cifar_val"]
+        ebs = max(cfg.train.batch_size, 256)
+        val = DeviceEvalLoader(val_x, val_y, ebs, mean, std, rank, world, cl, dt)
+        bx, by = (train_x, train_y)
+        if cfg.eval.knn_train_subset:
+            bx, by = bx[: cfg.eval.knn_train_subset], by[: cfg.eval.knn_train_subset]
+        bank = DeviceEvalLoader(bx, by, ebs, mean, std, rank, world, cl, dt)
+        desc = (f"device-resident {d.dataset} ({len(tx)} train / {len(vx)} val images of {tx.shape[1]}x{tx.shape[2]} "
+                f"on {device}), two views augmented on {device}")
+        return DataBundle(train, val, bank, arr.num_classes, desc)
+    from vssl_fast.data.folder import build_folder_data
+
+    return build_folder_data(cfg, device, rank, world)

@@ -1,0 +1,108 @@
+"""Device-resident two-view loader for array datasets (CIFAR): the whole uint8 set lives on the device.
+
+Order and sharding: each epoch one permutation of the training set from (seed, epoch), the same
+on every rank; the global batch ``world * batch_size`` is cut into per-rank slices (drop-last),
+so ranks read disjoint shards. Augmentations draw from a generator seeded by
+(seed, rank, epoch, step): batches are deterministic, differ across ranks, and a run resumed
+mid-epoch from ``state_dict()`` (epoch, step) produces exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vssl_fast.data.augment import ViewSpec, augment, normalize
+
+__all__ = ["DeviceTwoViewLoader", "DeviceEvalLoader", "batch_seed"]
+
+
+def batch_seed(seed: int, rank: int, epoch: int, step: int) -> int:
+    """A 63-bit seed mixing the four counters (splitmix64-style), stable across runs and machines."""
+    x = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + epoch * 0x94D049BB133111EB + step * 0x2545F4914F6CDD1D)
+    x &= (1 << 64) - 1
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    x ^= x >> 29
+    return x & ((1 << 63) - 1)
+
+
+class DeviceTwoViewLoader:
+    """Yields (view1, view2, labels) batches of ``batch_size`` per rank, both views augmented on the device."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, specs: tuple[ViewSpec, ViewSpec],
+                 seed: int, rank: int = 0, world: int = 1, channels_last: bool = False, out_dtype=torch.float32):
+        if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        self.images, self.labels = images, labels
+        self.batch_size, self.specs = batch_size, specs
+        self.seed, self.rank, self.world = seed, rank, world
+        self.channels_last, self.out_dtype = channels_last, out_dtype
+        self.steps_per_epoch = images.shape[0] // (world * batch_size)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{images.shape[0]} training images cannot fill one global batch of {world} x {batch_size}")
+        self.epoch, self.step = 0, 0
+        self._perm_epoch, self._perm = None, None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "world": self.world}
+
+    def load_state_dict(self, st: dict) -> None:
+        if st.get("world", self.world) != self.world or st.get("seed", self.seed) != self.seed:
+            raise ValueError(f"loader state was saved with world={st.get('world')} seed={st.get('seed')}, "
+                             f"resuming with world={self.world} seed={self.seed}")
+        self.epoch, self.step = int(st["epoch"]), int(st["step"])
+
+    def _indices(self, epoch: int) -> torch.Tensor:
+        if self._perm_epoch != epoch:
+            g = torch.Generator().manual_seed(batch_seed(self.seed, 0, epoch, -1))
+            perm = torch.randperm(self.images.shape[0], generator=g)
+            usable = self.steps_per_epoch * self.world * self.batch_size
+            self._perm = perm[:usable].view(self.steps_per_epoch, self.world, self.batch_size)[:, self.rank].contiguous()
+            self._perm = self._perm.to(self.images.device)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch(self, epoch: int, step: int):
+        idx = self._indices(epoch)[step]
+        x = self.images.index_select(0, idx)
+        g = torch.Generator(device=self.images.device).manual_seed(batch_seed(self.seed, self.rank, epoch, step))
+        views = [augment(x, spec, g).to(self.out_dtype) for spec in self.specs]
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return views[0], views[1], self.labels.index_select(0, idx)
+
+    def __iter__(self):
+        """The rest of the current epoch; afterwards the loader points at the next epoch's start."""
+        while self.step < self.steps_per_epoch:
+            out = self.batch(self.epoch, self.step)
+            self.step += 1
+            yield out
+        self.epoch += 1
+        self.step = 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+
+class DeviceEvalLoader:
+    """Validation / feature-extraction batches: normalisation only (solo-learn's CIFAR val transform)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean, std, rank=0, world=1,
+                 channels_last=False, out_dtype=torch.float32):
+        n = images.shape[0]
+        self.idx = torch.arange(rank, n, world)  # every rank a disjoint strided shard; the union is the whole set
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.mean, self.std, self.channels_last, self.out_dtype = mean, std, channels_last, out_dtype
+
+    def __iter__(self):
+        for s in range(0, len(self.idx), self.batch_size):
+            idx = self.idx[s:s + self.batch_size].to(self.images.device)
+            x = normalize(self.images.index_select(0, idx).float().div_(255.0), self.mean, self.std).to(self.out_dtype)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels.index_select(0, idx)
+
+    def __len__(self):
+        return (len(self.idx) + self.batch_size - 1) // self.batch_size

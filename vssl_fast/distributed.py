@@ -1,0 +1,71 @@
+"""Process-group setup for one process, torchrun on one node, or torchrun across nodes.
+
+NCCL on GPUs, gloo on CPUs, with an explicit timeout so a hang becomes an error. A second, gloo
+group carries the per-step "stop requested?" vote on CPU tensors, so agreeing on SIGTERM never
+synchronises the GPU stream.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "init_distributed", "cleanup"]
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    vote_group: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank if any rank's flag is set (a CPU collective; no GPU sync)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.vote_group)
+        return bool(t.item())
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier(group=self.vote_group)
+
+
+def init_distributed(timeout_s: int, force_cpu: bool = False) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and not force_cpu
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    info = DistInfo(rank, world, local, device)
+    if world > 1:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        backend = "nccl" if use_cuda else "gloo"
+        kwargs = {"device_id": device} if use_cuda else {}
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+        info.vote_group = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else dist.group.WORLD
+    return info
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,201 @@
+"""Evaluation the way the field does it (METHOD.md §3.5-§3.7), and the evaluation commands.
+
+- online linear probe: the classifier trained during pretraining on detached features, top-1/5
+  on the validation split every epoch (backbone in eval mode: BN running statistics);
+- weighted kNN (solo-learn's WeightedKNNClassifier): cosine similarity on L2-normalised backbone
+  features, the k most similar bank samples vote with weight exp(sim / T); chunked on the device;
+- the offline linear protocol (§3.6): frozen backbone in eval mode, a fresh Linear, SGD momentum
+  0.9, lr 0.3 x batch/256, wd 0, 100 epochs, LR x0.1 at epochs 60 and 80, RRC + flip.
+
+Commands:
+    python -m vssl_fast.evaluate knn    --ckpt RUN/checkpoints/step_XXXXXXXX.pt [--k 20,200 --t 0.07,0.1]
+    python -m vssl_fast.evaluate linear --ckpt RUN/checkpoints/step_XXXXXXXX.pt [--epochs 100]
+(any ``--section.key=value`` of the training config may follow, e.g. ``--data.path=...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["knn_classify", "extract_features", "online_eval", "linear_eval", "main"]
+
+
+def _autocast(device: torch.device, dtype):
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor's first dimension over ranks (sizes may differ by rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    world = dist.get_world_size()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    mx = int(max(s.item() for s in sizes))
+    pad = torch.zeros((mx - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    bufs = [torch.empty((mx, *t.shape[1:]), dtype=t.dtype, device=t.device) for _ in range(world)]
+    dist.all_gather(bufs, torch.cat([t, pad]))
+    return torch.cat([b[: int(s.item())] for b, s in zip(bufs, sizes)])
+
+
+@torch.no_grad()
+def extract_features(backbone, loader, device, amp_dtype=None):
+    was = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        with _autocast(device, amp_dtype):
+            f = backbone(x.to(device, non_blocking=True))
+        feats.append(f.float())
+        labels.append(y.to(device))
+    backbone.train(was)
+    f = torch.cat(feats) if feats else torch.empty(0, device=device)
+    y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device)
+    return gather_cat(f), gather_cat(y)
+
+
+@torch.no_grad()
+def knn_classify(train_f, train_y, test_f, test_y, k: int, T: float, num_classes: int, chunk: int = 1024):
+    """Weighted cosine kNN: returns (top1, top5) accuracies in percent."""
+    train_f = F.normalize(train_f.float(), dim=1)
+    test_f = F.normalize(test_f.float(), dim=1)
+    k = min(k, train_f.shape[0])
+    c1 = c5 = 0
+    for s in range(0, test_f.shape[0], chunk):
+        q, y = test_f[s:s + chunk], test_y[s:s + chunk]
+        sim, idx = (q @ train_f.T).topk(k, dim=1)
+        w = (sim / T).exp()
+        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
+        votes.scatter_add_(1, train_y[idx], w)
+        pred = votes.topk(min(5, num_classes), dim=1).indices
+        c1 += (pred[:, 0] == y).sum().item()
+        c5 += (pred == y[:, None]).any(1).sum().item()
+    n = max(test_f.shape[0], 1)
+    return 100.0 * c1 / n, 100.0 * c5 / n
+
+
+@torch.no_grad()
+def online_eval(model, loader, device, amp_dtype=None) -> dict:
+    """Top-1/top-5 (%) of the online classifier on the validation split."""
+    feats, labels = extract_features(model.backbone, loader, device, amp_dtype)
+    logits = model.classifier(feats.to(model.classifier.weight.dtype))
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    n = max(labels.shape[0], 1)
+    return {"online_top1": 100.0 * (top[:, 0] == labels).sum().item() / n,
+            "online_top5": 100.0 * (top == labels[:, None]).any(1).sum().item() / n}
+
+
+@torch.no_grad()
+def knn_eval(backbone, bank_loader, val_loader, device, ks, ts, num_classes, chunk=1024, amp_dtype=None) -> dict:
+    tf, ty = extract_features(backbone, bank_loader, device, amp_dtype)
+    vf, vy = extract_features(backbone, val_loader, device, amp_dtype)
+    out = {}
+    for k, t in zip(ks, ts):
+        top1, top5 = knn_classify(tf, ty, vf, vy, int(k), float(t), num_classes, chunk)
+        out[f"knn_k{int(k)}_t{t:g}_top1"] = top1
+        out[f"knn_k{int(k)}_t{t:g}_top5"] = top5
+    return out
+
+
+def linear_eval(backbone, train_images, train_labels, val_loader, num_classes, device, *, epochs=100, batch_size=256,
+                lr=0.3, crop_size=32, mean=None, std=None, seed=0, log=print) -> dict:
+    """Offline linear protocol (§3.6) on a device-resident array dataset (CIFAR)."""
+    from vssl_fast.data.augment import ViewSpec, augment
+    from vssl_fast.data.loader import batch_seed
+
+    backbone.eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    feat_dim = backbone(val_loader.__iter__().__next__()[0][:2].to(device)).shape[1]
+    head = torch.nn.Linear(feat_dim, num_classes).to(device)
+    opt = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=0.9, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(epochs * 0.6), int(epochs * 0.8)], gamma=0.1)
+    spec = ViewSpec(crop_size=crop_size, jitter_p=0.0, gray_p=0.0, mean=mean, std=std)  # RRC (0.08, 1) + flip
+    n = train_images.shape[0]
+    for ep in range(epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(batch_seed(seed, 0, ep, -1))).to(device)
+        for s in range(0, n - batch_size + 1, batch_size):
+            idx = perm[s:s + batch_size]
+            g = torch.Generator(device=device).manual_seed(batch_seed(seed, 0, ep, s))
+            x = augment(train_images.index_select(0, idx), spec, g)
+            with torch.no_grad():
+                f = backbone(x)
+            loss = F.cross_entropy(head(f.float()), train_labels.index_select(0, idx))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        if (ep + 1) % max(1, epochs // 10) == 0:
+            log(f"linear epoch {ep + 1}/{epochs} loss {loss.item():.4f}")
+    feats, labels = extract_features(backbone, val_loader, device)
+    top = head(feats).topk(min(5, num_classes), dim=1).indices
+    m = max(labels.shape[0], 1)
+    return {"linear_top1": 100.0 * (top[:, 0] == labels).sum().item() / m,
+            "linear_top5": 100.0 * (top == labels[:, None]).any(1).sum().item() / m}
+
+
+# ----------------------------------------------------------------------------- commands
+def _load_backbone(ckpt_path, overrides):
+    from vssl_fast.checkpoint import load_checkpoint
+    from vssl_fast.config import config_from_dict, set_key
+    from vssl_fast.models import build_backbone
+
+    state = load_checkpoint(ckpt_path)
+    cfg = config_from_dict(state["config"])
+    for ov in overrides:
+        if not ov.startswith("--") or "=" not in ov:
+            raise SystemExit(f"unexpected argument {ov!r}; overrides look like --section.key=value")
+        k, v = ov[2:].split("=", 1)
+        set_key(cfg, k, v)
+    bb = build_backbone(cfg.model.backbone, cfg.model.cifar_stem)
+    sd = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    bb.load_state_dict(sd, strict=True)
+    return cfg, bb
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vssl_fast.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["knn", "linear"])
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--k", default="20,200")
+    ap.add_argument("--t", default="0.07,0.1")
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--out", default="", help="write the result as JSON here")
+    args, rest = ap.parse_known_args(argv)
+    from vssl_fast.data import build_data
+
+    cfg, bb = _load_backbone(args.ckpt, rest)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bb = bb.to(device)
+    data = build_data(cfg, device)
+    if args.command == "knn":
+        ks = [int(x) for x in args.k.split(",")]
+        ts = [float(x) for x in args.t.split(",")]
+        res = knn_eval(bb, data.bank, data.val, device, ks, ts, data.num_classes, cfg.eval.knn_chunk)
+    else:
+        if not hasattr(data.train, "images"):
+            raise SystemExit("the offline linear command runs on array datasets (CIFAR) here; "
+                             "for image folders use the kNN command or the online probe")
+        res = linear_eval(bb, data.train.images, data.train.labels, data.val, data.num_classes, device,
+                          epochs=args.epochs, crop_size=cfg.data.crop_size, mean=data.train.specs[0].mean,
+                          std=data.train.specs[0].std, seed=cfg.train.seed)
+    print(json.dumps(res, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Export the student backbone for use elsewhere.
+
+    python -m vssl_fast.export --ckpt RUN/checkpoints/step_XXXXXXXX.pt --out exported/
+
+writes ``backbone.pt`` (a state dict that loads with ``strict=True`` into torchvision's ResNet of
+the recorded architecture, its ``fc`` left at the default initialisation: the dict carries no fc),
+``backbone.safetensors`` (the same tensors) and ``backbone.json`` (architecture, stem, feature
+dim, source checkpoint, step). To load:
+
+    net = torchvision.models.resnet18()
+    if meta["cifar_stem"]:
+        net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 2, bias=False); net.maxpool = torch.nn.Identity()
+    net.fc = torch.nn.Identity()
+    net.load_state_dict(torch.load("backbone.pt", weights_only=True), strict=True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["export_backbone", "load_exported", "main"]
+
+
+def export_backbone(ckpt_path: str | Path, out_dir: str | Path) -> dict:
+    from vssl_fast.checkpoint import load_checkpoint
+    from vssl_fast.models import FEATURE_DIMS
+
+    state = load_checkpoint(ckpt_path)
+    cfg = state["config"]
+    sd = {k[len("backbone."):]: v.clone() for k, v in state["model"].items() if k.startswith("backbone.")}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, out / "backbone.pt")
+    meta = {"arch": cfg["model"]["backbone"], "cifar_stem": cfg["model"]["cifar_stem"],
+            "feature_dim": FEATURE_DIMS[cfg["model"]["backbone"]], "source": str(ckpt_path), "step": int(state["step"]),
+            "method": cfg["method"]["method"], "fc": "Identity (not exported)"}
+    try:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "backbone.safetensors"),
+                  metadata={k: str(v) for k, v in meta.items()})
+        meta["safetensors"] = True
+    except ImportError:
+        meta["safetensors"] = False
+    (out / "backbone.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def load_exported(out_dir: str | Path) -> torch.nn.Module:
+    """Rebuild the torchvision ResNet from an export, strictly."""
+    import torchvision
+
+    out = Path(out_dir)
+    meta = json.loads((out / "backbone.json").read_text())
+    net = getattr(torchvision.models, meta["arch"])(weights=None)
+    if meta["cifar_stem"]:
+        net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
+        net.maxpool = torch.nn.Identity()
+    net.fc = torch.nn.Identity()
+    net.load_state_dict(torch.load(out / "backbone.pt", weights_only=True), strict=True)
+    return net
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vssl_fast.export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    print(json.dumps(export_backbone(a.ckpt, a.out), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Watching a run: log lines, a progress bar, metrics.jsonl, TensorBoard when installed, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["Monitor", "setup_logging"]
+
+
+def setup_logging(rank: int, run_dir: Path | None) -> logging.Logger:
+    log = logging.getLogger("vssl_fast")
+    log.handlers.clear()
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S")
+    h = logging.StreamHandler(sys.stdout)
+    h.setFormatter(fmt)
+    log.addHandler(h)
+    if run_dir is not None and rank == 0:
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    log.propagate = False
+    return log
+
+
+class Monitor:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress: bool):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.progress = progress and enabled and sys.stdout.isatty()
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except Exception:  # noqa: BLE001 - TensorBoard is optional
+                self.tb = None
+        self.t0 = time.time()
+
+    def record(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            step = row.get("step", 0)
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+
+    def bar(self, step: int, total: int, text: str) -> None:
+        if not self.progress:
+            return
+        w = 30
+        done = int(w * step / max(total, 1))
+        sys.stdout.write(f"\r[{'#' * done}{'.' * (w - done)}] {step}/{total} {text}")
+        sys.stdout.flush()
+
+    def end_bar(self):
+        if self.progress:
+            sys.stdout.write("\n")
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+    def plots(self) -> list[Path]:
+        """PNG plots of the loss parts and the accuracies over training (needs matplotlib)."""
+        if not self.enabled or not self.metrics_path.exists():
+            return []
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except Exception:  # noqa: BLE001 - plots are optional
+            return []
+        rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
+        out = []
+        train = [r for r in rows if r.get("kind") == "train"]
+        if train:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for key in ("loss", "kl", "ll", "byol", "ce"):
+                pts = [(r["step"], r[key]) for r in train if key in r]
+                if pts:
+                    ax.plot(*zip(*pts), label=key)
+            ax.set_xlabel("step")
+            ax.set_title("loss parts")
+            ax.legend()
+            p = self.run_dir / "loss.png"
+            fig.savefig(p, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+            out.append(p)
+        ev = [r for r in rows if r.get("kind") == "eval"]
+        if ev:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            keys = sorted({k for r in ev for k in r if k.endswith("top1")})
+            for key in keys:
+                pts = [(r["epoch"], r[key]) for r in ev if key in r]
+                ax.plot(*zip(*pts), marker="o", label=key)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("top-1 (%)")
+            ax.set_title("accuracy")
+            ax.legend()
+            p = self.run_dir / "accuracy.png"
+            fig.savefig(p, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+            out.append(p)
+        return out

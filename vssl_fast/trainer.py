@@ -1,0 +1,340 @@
+"""The training engine behind ``train.py``: one CPU process, one GPU, torchrun on one or many nodes.
+
+The step (no host synchronization except at log points every ``log.every_steps``):
+forward both views (bf16 autocast and channels-last on GPU by default, fp16 + GradScaler as an
+option), backward, a device-side non-finite check (loss and gradient norms, max-reduced across
+ranks), the optimizer step with that flag as ``skip`` (a no-op on every rank alike), and the EMA
+with ``tau = 1`` on a skipped step (bit-identical teacher). Skips are counted on the device and
+read at log points; ``train.max_consecutive_skips`` in a row stop the run with an error.
+
+torch.compile (``train.compile=auto``): on CUDA at crop sizes <= 64 the model's forward is
+compiled ('default' mode); at 224 px and on the CPU it is not. This follows the H200 figures in
+issue 6/7 (32 px, batch 256: 27,636 views/s compiled vs 18,740 eager; 224 px: no gain) measured
+with the plain step; it is still to be re-measured with the fused step (bench/RESULTS.md).
+
+Faults: SIGTERM / SIGUSR1 set a flag; at the next step boundary the ranks vote (a CPU
+collective), all save a checkpoint and exit with code 143. Checkpoints are atomic (see
+``vssl_fast.checkpoint``); ``--resume auto`` continues bit-exactly (model, teacher, optimizer,
+schedules, counters, loader position and every RNG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vssl_fast import checkpoint as ckpt
+from vssl_fast.config import Config
+from vssl_fast.data import build_data
+from vssl_fast.distributed import cleanup, init_distributed
+from vssl_fast.evaluate import knn_eval, online_eval
+from vssl_fast.models import SSLModel
+from vssl_fast.monitor import Monitor, setup_logging
+from vssl_fast.optim import build_optimizer, set_lrs, tau_schedule
+
+__all__ = ["Trainer", "NonFiniteError", "EXIT_PREEMPTED"]
+
+EXIT_PREEMPTED = 143
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dist = init_distributed(cfg.dist.timeout_s)
+        self.device = self.dist.device
+        self.run_dir = Path(cfg.run_dir)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.dist.barrier()
+        self.log = setup_logging(self.dist.rank, self.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.dist.is_main:
+            (self.run_dir / "config.json").write_text(cfg.to_json())
+            self.log.info("resolved config:\n%s", cfg.to_json())
+
+        cuda = self.device.type == "cuda"
+        prec = cfg.train.precision
+        self.amp_dtype = None if (prec == "fp32" or (prec == "auto" and not cuda)) else (
+            torch.float16 if prec == "fp16" else torch.bfloat16)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        random.seed(cfg.train.seed)
+        self.data = build_data(cfg, self.device, self.dist.rank, self.dist.world)
+        self.log.info("data: %s", self.data.describe)
+        model = SSLModel(**cfg.method.model_kwargs(), backbone=cfg.model.backbone, cifar_stem=cfg.model.cifar_stem,
+                         num_classes=self.data.num_classes)
+        if cfg.model.sync_batchnorm and self.dist.enabled:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
+        if cuda and cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ddp = model
+        if self.dist.enabled:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.dist.local_rank] if cuda else None)
+        self.forward = self.ddp
+        mode = cfg.train.compile
+        if mode == "auto":
+            mode = "default" if (cuda and cfg.data.crop_size <= 64) else "none"
+        if mode != "none":
+            self.forward = torch.compile(self.ddp, mode=mode)
+        self.compile_mode = mode
+        self.opt = build_optimizer(model, cfg, self.dist.world)
+
+        self.steps_per_epoch = len(self.data.train)
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        self.step = 0
+        self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.consecutive = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.tau = torch.tensor(cfg.optim.tau_base, device=self.device)
+        self.noise_seed = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.history: list[dict] = []
+        self.monitor = Monitor(self.run_dir, self.dist.is_main, cfg.log.tensorboard, cfg.log.progress)
+        self._stop = False
+        self.log.info("model: %s %s (%d student params), %s optimizer (%s), precision %s, compile %s, world %d",
+                      cfg.method.method, cfg.model.backbone,
+                      sum(p.numel() for g in self.opt.param_groups for p in g["params"]),
+                      cfg.optim.name, type(self.opt).__name__, self.amp_dtype or "fp32", mode, self.dist.world)
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame):
+        self._stop = True
+
+    def _install_signals(self):
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._on_signal)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _rng_state(self) -> dict:
+        st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            st["cuda"] = torch.cuda.get_rng_state(self.device)
+        return st
+
+    def _set_rng_state(self, st: dict) -> None:
+        torch.set_rng_state(st["torch"])
+        v = st["python"]
+        random.setstate((v[0], tuple(v[1]), v[2]))
+        if "cuda" in st and self.device.type == "cuda":
+            torch.cuda.set_rng_state(st["cuda"], self.device)
+
+    def save(self) -> Path | None:
+        rngs = [self._rng_state()]
+        if self.dist.enabled:
+            rngs = [None] * self.dist.world
+            dist.all_gather_object(rngs, self._rng_state(), group=self.dist.vote_group)
+        path = None
+        if self.dist.is_main:
+            state = {
+                "config": self.cfg.to_dict(), "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None, "loader": self.data.train.state_dict(),
+                "epoch": self.data.train.epoch, "skipped": self.skipped.clone(), "consecutive": self.consecutive.clone(),
+                "noise_seed": self.noise_seed.clone(), "rng": rngs, "history": json.dumps(self.history),
+            }
+            path = ckpt.save_checkpoint(state, self.ckpt_dir, self.step, self.cfg.ckpt.keep)
+            self.log.info("checkpoint %s", path)
+        self.dist.barrier()
+        return path
+
+    def resume(self) -> None:
+        r = self.cfg.resume
+        if r == "none":
+            return
+        path = ckpt.find_latest(self.ckpt_dir) if r == "auto" else Path(r)
+        if path is None:
+            self.log.info("resume auto: no complete checkpoint in %s, starting fresh", self.ckpt_dir)
+            return
+        state = ckpt.load_checkpoint(path, map_location=self.device)
+        ckpt.check_compatible(state["config"], self.cfg.to_dict(), path)
+        self.model.load_state_dict(state["model"], strict=True)
+        self.opt.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.data.train.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+        self.skipped.copy_(state["skipped"])
+        self.consecutive.copy_(state["consecutive"])
+        self.noise_seed.copy_(state["noise_seed"])
+        self.history = json.loads(state["history"])
+        rngs = state["rng"]
+        if len(rngs) != self.dist.world:
+            raise ckpt.CheckpointError(f"checkpoint {path} holds RNG states of {len(rngs)} ranks; this run has {self.dist.world}")
+        self._set_rng_state(rngs[self.dist.rank])
+        self.log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.data.train.epoch,
+                      self.data.train.step)
+
+    # ------------------------------------------------------------------ the step
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, x1, x2, y):
+        cfg = self.cfg
+        set_lrs(self.opt, self.step, self.warmup_steps, self.total_steps, cfg.optim.warmup_start_lr, cfg.optim.min_lr)
+        self.tau.fill_(tau_schedule(self.step, self.total_steps, cfg.optim.tau_base, cfg.optim.tau_final))
+        self.noise_seed.add_(1)
+        seed = self.noise_seed + (cfg.train.seed * 1_000_003 + self.dist.rank) * (1 << 32)
+        with self._autocast():
+            loss, parts = self.forward(x1, x2, y, cfg.method, seed)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        bad = ~torch.isfinite(loss.detach()) | ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        bad = bad.to(torch.int32).reshape(1)
+        if self.dist.enabled:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if self.scaler:
+            self.scaler.step(self.opt)  # the scaler skips on inf itself (with its own host sync)
+            self.scaler.update()
+        else:
+            self.opt.step(skip=bad)
+        badf = bad.reshape(()).bool()
+        self.model.ema_update(torch.where(badf, torch.ones_like(self.tau), self.tau))
+        self.skipped += badf.long()
+        self.consecutive.copy_((self.consecutive + badf.long()) * badf.long())
+        self.step += 1
+        return parts
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, epoch: int, knn: bool) -> dict:
+        res = {"kind": "eval", "epoch": epoch, "step": self.step}
+        res.update(online_eval(self.model, self.data.val, self.device, self.amp_dtype))
+        if knn:
+            e = self.cfg.eval
+            res.update(knn_eval(self.model.backbone, self.data.bank, self.data.val, self.device, e.knn_k, e.knn_t,
+                                self.data.num_classes, e.knn_chunk, self.amp_dtype))
+        self.monitor.record(res)
+        self.history.append(res)
+        self.log.info("eval epoch %d: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in res.items()
+                                                           if isinstance(v, float)))
+        return res
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self._install_signals()
+        self.resume()
+        loader = self.data.train
+        t_start = time.time()
+        t_log, n_log, wait_log = time.time(), 0, 0.0
+        views_per_step = 2 * cfg.train.batch_size * self.dist.world
+        fault = int(os.environ.get("VSSL_FAULT_AT_STEP", "0"))  # test hook: SIGKILL self after this step
+        last_eval = None
+        while self.step < self.total_steps:
+            epoch = loader.epoch
+            it = iter(loader)
+            while self.step < self.total_steps:
+                t0 = time.time()
+                try:
+                    x1, x2, y = next(it)
+                except StopIteration:
+                    break
+                wait_log += time.time() - t0
+                parts = self.train_step(x1, x2, y)
+                n_log += 1
+                if fault and self.step == fault:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
+                    self._log_step(parts, epoch, t_log, n_log, wait_log, views_per_step, t_start)
+                    t_log, n_log, wait_log = time.time(), 0, 0.0
+                if self.step % cfg.ckpt.every_steps == 0:
+                    self.save()
+                if self.dist.any_true(self._stop):
+                    self.log.warning("stop requested (SIGTERM/SIGUSR1): saving at step %d and exiting", self.step)
+                    self.save()
+                    self.monitor.close()
+                    cleanup()
+                    raise SystemExit(EXIT_PREEMPTED)
+            else:
+                break  # total_steps reached mid-epoch
+            # an epoch ended
+            ep_done = loader.epoch  # the loader now points at the next epoch
+            self.monitor.end_bar()
+            knn_due = cfg.eval.knn_every_epochs and ep_done % cfg.eval.knn_every_epochs == 0
+            if ep_done % cfg.eval.online_every_epochs == 0 or knn_due:
+                last_eval = self.evaluate(ep_done, bool(knn_due))
+            self.save()
+        self.monitor.end_bar()
+        if last_eval is None or last_eval.get("step") != self.step or not any(k.startswith("knn") for k in last_eval):
+            last_eval = self.evaluate(-(-self.step // self.steps_per_epoch), True)
+        if self.step % cfg.ckpt.every_steps != 0:
+            self.save()
+        return self._finish(last_eval, time.time() - t_start)
+
+    def _log_step(self, parts, epoch, t_log, n, wait, views_per_step, t_start):
+        cfg = self.cfg
+        vals = {k: float(v) for k, v in parts.items()}  # the log point: one host sync
+        skipped, consec = int(self.skipped), int(self.consecutive)
+        dt = max(time.time() - t_log, 1e-9)
+        row = {"kind": "train", "step": self.step, "epoch": epoch, **vals, "lr": self.opt.param_groups[0]["lr"],
+               "tau": float(self.tau), "img_per_s": n * views_per_step / 2 / dt, "views_per_s": n * views_per_step / dt,
+               "data_wait": wait / dt, "step_time_ms": 1e3 * dt / max(n, 1), "skipped": skipped}
+        if self.device.type == "cuda":
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        remaining = (self.total_steps - self.step) * dt / max(n, 1)
+        row["eta_s"] = remaining
+        self.monitor.record(row)
+        msg = (f"ep {epoch} step {self.step}/{self.total_steps} loss {vals['loss']:.4f}"
+               + (f" kl {vals['kl']:.4f} ll {vals['ll']:.4f}" if "kl" in vals else "")
+               + (f" byol {vals['byol']:.4f}" if "byol" in vals else "")
+               + f" z_std {vals['z_std']:.4f} lr {row['lr']:.4g} tau {row['tau']:.5f} img/s {row['img_per_s']:.0f}"
+               + f" wait {100 * row['data_wait']:.0f}% step {row['step_time_ms']:.0f}ms"
+               + (f" mem {row['peak_mem_gb']:.1f}G" if "peak_mem_gb" in row else "")
+               + f" eta {remaining / 60:.1f}min" + (f" skipped {skipped}" if skipped else ""))
+        self.monitor.bar(self.step, self.total_steps, msg) if self.monitor.progress else self.log.info(msg)
+        if consec >= cfg.train.max_consecutive_skips:
+            raise NonFiniteError(f"{consec} consecutive steps had a non-finite loss or gradient (last at step "
+                                 f"{self.step}); stopping. Lower the learning rate or check the data.")
+
+    def _finish(self, last_eval: dict, wall: float) -> dict:
+        cfg = self.cfg
+        k0 = f"knn_k{int(cfg.eval.knn_k[0])}_t{cfg.eval.knn_t[0]:g}_top1"
+        results = {
+            "method": cfg.method.method, "preset": cfg.preset, "dataset": cfg.data.dataset, "steps": self.step,
+            "epochs": self.step / max(self.steps_per_epoch, 1), "online_top1": last_eval.get("online_top1"),
+            "online_top5": last_eval.get("online_top5"), "knn_top1": last_eval.get(k0),
+            **{k: v for k, v in last_eval.items() if k.startswith("knn_")},
+            "wall_time_s": wall, "skipped_steps": int(self.skipped), "world_size": self.dist.world,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "compile": self.compile_mode,
+        }
+        if self.dist.is_main:
+            rows = []
+            if (self.run_dir / "metrics.jsonl").exists():
+                rows = [json.loads(x) for x in (self.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            ips = [r["img_per_s"] for r in rows if r.get("kind") == "train" and "img_per_s" in r]
+            results["img_per_s"] = sum(ips) / len(ips) if ips else None
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            table = ["| metric | value |", "|---|---|"] + [
+                f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+            (self.run_dir / "summary.md").write_text("\n".join(table) + "\n")
+            if cfg.log.plots:
+                self.monitor.plots()
+            self.log.info("results: %s", json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}))
+            print("\n".join(table))
+        self.monitor.close()
+        return results
+
+    def close(self):
+        cleanup()
