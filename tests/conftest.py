@@ -1,4 +1,6 @@
 import os
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,3 +23,31 @@ def pytest_collection_modifyitems(config, items):
 def kernel_device():
     """CUDA when present, else the CPU under TRITON_INTERPRET=1."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+SHARED_TAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def _make_tiny_tar(dst: Path, per_class_train: int, per_class_test: int) -> Path:
+    """A small class-folder tar of real CIFAR-10 JPEGs taken from the shared archive."""
+    counts: dict = {}
+    with tarfile.open(SHARED_TAR) as src, tarfile.open(dst, "w") as out:
+        for m in src:
+            parts = Path(m.name).parts
+            if not m.isfile() or len(parts) < 4:
+                continue
+            split, cls = parts[-3], parts[-2]
+            cap = per_class_train if split == "train" else per_class_test
+            if counts.get((split, cls), 0) >= cap:
+                continue
+            counts[(split, cls)] = counts.get((split, cls), 0) + 1
+            out.addfile(m, src.extractfile(m))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def cifar_tiny_tar(tmp_path_factory):
+    """20 train + 10 test real JPEGs per class (200 + 100), as cifar10-jpeg/{train,test}/<class>/*.jpg."""
+    if not SHARED_TAR.exists():
+        pytest.skip(f"needs the CIFAR-10 JPEG archive at {SHARED_TAR} (the project's shared data)")
+    return _make_tiny_tar(tmp_path_factory.mktemp("cifar") / "cifar-tiny.tar", 20, 10)

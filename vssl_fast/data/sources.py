@@ -168,7 +168,7 @@ def load_cifar_arrays(path: str, dataset: str, cache_dir: str, download: bool = 
         z = np.load(cache, allow_pickle=False)
         return ArrayDataset(z["train_x"], z["train_y"], z["test_x"], z["test_y"], [str(c) for c in z["classes"]])
     ds = _read_jpeg_tree(src)
-    tmp = cache.with_suffix(".tmp.npz")
+    tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.tmp.npz")  # ranks may decode at once: each its own temp
     np.savez(tmp, train_x=ds.train_x, train_y=ds.train_y, test_x=ds.test_x, test_y=ds.test_y, classes=np.array(ds.classes))
     os.replace(tmp, cache)
     return ds
