@@ -23,3 +23,13 @@ def test_bench_tiny_runs_and_writes_rows(name, tmp_path, capsys):
     assert len(lines) == len(rows)
     for r in lines:
         assert {"device", "torch", "triton", "git", "date"} <= r.keys()
+
+
+def test_bench_data_tiny(tmp_path, capsys):
+    from bench import bench_data
+
+    rows = bench_data.main(["--tiny", "--jpeg-dir", str(tmp_path / "j"), "--out", str(tmp_path / "rows.jsonl")])
+    paths = {r["path"]: r for r in rows}
+    assert paths["cifar_device"]["img_per_s"] > 0 and paths["torchvision_cpu_baseline"]["img_per_s"] > 0
+    sizes = [p.stat().st_size for p in (tmp_path / "j" / "train").rglob("*.jpg")]
+    assert len(sizes) == 32 and 40_000 < sum(sizes) / len(sizes) < 120_000  # photo-like 500x375 JPEGs

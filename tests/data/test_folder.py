@@ -136,3 +136,21 @@ def test_build_data_says_which_path_runs(jpeg_tree, monkeypatch, caplog):
     bundle = build_folder_data(cfg, torch.device("cpu"))
     assert "torchvision ImageFolder" in bundle.describe and "not DALI: nvidia.dali is not importable" in bundle.describe
     assert bundle.num_classes == 10
+
+
+def test_nvjpeg_style_loader_decodes_batches_on_the_device(jpeg_tree, tmp_path):
+    """The GPU torchvision path, run with decode_jpeg on the CPU: shapes, labels, bad files skipped."""
+    import shutil
+
+    from vssl_fast.data.folder import NvjpegTwoViewLoader
+
+    tree = tmp_path / "t"
+    shutil.copytree(jpeg_tree / "train", tree)
+    (tree / "airplane" / "zz_bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    specs = view_specs("imagenet", "asymmetric", 32)
+    ld = NvjpegTwoViewLoader(tree, specs, 16, 0, 0, 1, torch.device("cpu"), 0, False, torch.float32)
+    n = 0
+    for v1, v2, y in ld:
+        assert v1.shape[1:] == (3, 32, 32) and v1.shape == v2.shape and len(y) == v1.shape[0] <= 16
+        n += len(y)
+    assert n >= (207 // 16) * 16 - 1 and len(ld.bad) <= 1

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ViewSpec", "view_specs", "sample_params", "augment", "resized_crop", "color_jitter", "grayscale",
+__all__ = ["ViewSpec", "view_specs", "sample_params", "augment", "augment_list", "finish", "resized_crop", "color_jitter", "grayscale",
            "gaussian_blur", "solarize", "normalize", "rrc_params", "MEANS_STDS"]
 
 MEANS_STDS = {
@@ -260,12 +260,8 @@ def normalize(x, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
-def augment(x_uint8: torch.Tensor, spec: ViewSpec, g: torch.Generator) -> torch.Tensor:
-    """One augmented view of a uint8 batch [n, 3, H, W] (device-resident), float32 normalised."""
-    n, _, H, W = x_uint8.shape
-    p = sample_params(spec, n, H, W, g, x_uint8.device)
-    x = x_uint8.float().div_(255.0)
-    x = resized_crop(x, p["top"], p["left"], p["height"], p["width"], spec.crop_size).clamp_(0.0, 1.0)
+def finish(x: torch.Tensor, p: dict, spec: ViewSpec) -> torch.Tensor:
+    """Everything after the crop: jitter, grayscale, blur, solarize, flip, normalise (float [n, 3, S, S])."""
     if spec.jitter_p > 0:
         x = color_jitter(x, p)
     if spec.gray_p > 0:
@@ -276,3 +272,30 @@ def augment(x_uint8: torch.Tensor, spec: ViewSpec, g: torch.Generator) -> torch.
         x = solarize(x, p["solarize"])
     x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
     return normalize(x, spec.mean, spec.std)
+
+
+def augment(x_uint8: torch.Tensor, spec: ViewSpec, g: torch.Generator) -> torch.Tensor:
+    """One augmented view of a uint8 batch [n, 3, H, W] (device-resident), float32 normalised."""
+    n, _, H, W = x_uint8.shape
+    p = sample_params(spec, n, H, W, g, x_uint8.device)
+    x = x_uint8.float().div_(255.0)
+    x = resized_crop(x, p["top"], p["left"], p["height"], p["width"], spec.crop_size).clamp_(0.0, 1.0)
+    return finish(x, p, spec)
+
+
+def augment_list(images: list[torch.Tensor], spec: ViewSpec, g: torch.Generator) -> torch.Tensor:
+    """One view of a list of decoded uint8 images of different sizes [3, H_i, W_i] (e.g. nvJPEG output).
+
+    The crop box is drawn per image from its own size; crops are resized one by one, the rest of the
+    pipeline runs batched.
+    """
+    n = len(images)
+    dev = images[0].device
+    p = sample_params(spec, n, 1, 1, g, dev)  # the non-crop parameters, batched
+    crops = []
+    for img in images:
+        _, H, W = img.shape
+        top, left, h, w = rrc_params(1, H, W, spec.scale, spec.ratio, g, dev)
+        crops.append(resized_crop(img[None].float().div_(255.0), top, left, h, w, spec.crop_size))
+    x = torch.cat(crops).clamp_(0.0, 1.0)
+    return finish(x, p, spec)

@@ -13,9 +13,12 @@ order, torchvision in a random one), grayscale p 0.2, Gaussian blur (23x23 windo
 CropMirrorNormalize. The output is NCHW float, ready for channels-last bf16. Mid-epoch resume
 replays the epoch's order and skips the consumed batches.
 
-torchvision (no DALI): an ImageFolder with worker processes producing both views with the PIL
-transforms (PIL GaussianBlur and Solarize, as solo-learn's torchvision pipeline); unreadable files
-are skipped, counted, logged once each, and a run of ``MAX_BAD_IN_A_ROW`` fails the loader.
+torchvision (no DALI): with a GPU, workers read the file bytes and ``torchvision.io.decode_jpeg``
+decodes each batch with nvJPEG on the GPU, where both views are cropped and augmented
+(``augment_list``); without one, an ImageFolder with worker processes produces both views with
+the PIL transforms (PIL GaussianBlur and Solarize, as solo-learn's torchvision pipeline).
+Unreadable files are skipped, counted, logged once each; a run of ``MAX_BAD_IN_A_ROW`` (or a
+whole batch on the GPU path) fails the loader.
 The log says which path runs and why. Validation everywhere: resize 256, centre crop 224.
 """
 
@@ -33,7 +36,7 @@ from vssl_fast.data.augment import MEANS_STDS, ViewSpec, view_specs
 log = logging.getLogger("vssl_fast")
 
 __all__ = ["build_folder_data", "dali_available", "make_dali_pipeline", "TwoViewTransform", "SkippingImageFolder",
-           "MAX_BAD_IN_A_ROW"]
+           "NvjpegTwoViewLoader", "TorchvisionTwoViewLoader", "MAX_BAD_IN_A_ROW"]
 
 MAX_BAD_IN_A_ROW = 16
 
@@ -251,6 +254,78 @@ class TorchvisionTwoViewLoader:
         return self.steps_per_epoch
 
 
+class _BytesFolder(torch.utils.data.Dataset):
+    """(encoded bytes, label) per file; decoding happens batched on the device."""
+
+    def __init__(self, root):
+        from torchvision.datasets import ImageFolder
+
+        self.inner = ImageFolder(str(root))
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        path, y = self.inner.samples[i]
+        with open(path, "rb") as f:
+            return f.read(), y, path  # plain bytes: pickled back, no shared-memory file descriptors
+
+
+def _collate_bytes(batch):
+    return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
+
+
+class NvjpegTwoViewLoader(TorchvisionTwoViewLoader):
+    """torchvision path with a GPU: workers read file bytes, ``decode_jpeg(device='cuda')`` decodes the
+    batch with nvJPEG, and both views are cropped and augmented on the GPU (``augment_list``).
+    Files that fail to decode are skipped (logged once each); a batch that is all bad is an error."""
+
+    def __init__(self, train_dir, specs, batch_size, seed, rank, world, device, workers, channels_last, out_dtype):
+        super().__init__(train_dir, specs, batch_size, seed, rank, world, device, workers, channels_last, out_dtype)
+        self.ds = _BytesFolder(train_dir)
+        self.specs, self.bad = specs, set()
+
+    def _decode(self, raw, paths):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raw]
+        try:
+            return decode_jpeg(datas, device=self.device, mode=ImageReadMode.RGB), list(range(len(datas)))
+        except RuntimeError:  # find the bad ones one by one
+            imgs, keep = [], []
+            for k, (d, p) in enumerate(zip(datas, paths)):
+                try:
+                    imgs.append(decode_jpeg(d, device=self.device, mode=ImageReadMode.RGB))
+                    keep.append(k)
+                except RuntimeError as e:
+                    if p not in self.bad:
+                        self.bad.add(p)
+                        log.warning("skipping undecodable image %s (%s); %d bad so far", p, e, len(self.bad))
+            if not imgs:
+                raise RuntimeError(f"a whole batch of {len(datas)} images failed to decode, e.g. {paths[:3]}; "
+                                   "run `python -m vssl_fast.data scan` on the dataset") from None
+            return imgs, keep
+
+    def __iter__(self):
+        from vssl_fast.data.augment import augment_list
+        from vssl_fast.data.loader import batch_seed
+
+        self.sampler.set_epoch(self.epoch)
+        idx = list(self.sampler)[self.step * self.batch_size: self.steps_per_epoch * self.batch_size]
+        dl = torch.utils.data.DataLoader(torch.utils.data.Subset(self.ds, idx), batch_size=self.batch_size,
+                                         num_workers=self.workers, drop_last=True, collate_fn=_collate_bytes)
+        for datas, y, paths in dl:
+            imgs, keep = self._decode(datas, paths)
+            g = torch.Generator(device=self.device).manual_seed(batch_seed(self.seed, 0, self.epoch, self.step))
+            v1, v2 = (augment_list(imgs, s, g).to(self.out_dtype) for s in self.specs)
+            if self.channels_last:
+                v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
+            self.step += 1
+            yield v1, v2, y[keep].to(self.device, non_blocking=True)
+        self.epoch += 1
+        self.step = 0
+
+
 class FolderEvalLoader:
     """Resize 256 (shorter side) + centre crop 224 + normalise, as solo-learn's validation transform."""
 
@@ -296,9 +371,10 @@ def build_folder_data(cfg, device, rank: int = 0, world: int = 1):
         desc = f"DALI ({'GPU mixed decode' if device.type == 'cuda' else 'CPU-only'}) on {train_dir}: {why}"
     else:
         reason = "data.loader=torchvision" if d.loader == "torchvision" else why
-        train = TorchvisionTwoViewLoader(train_dir, specs, cfg.train.batch_size, cfg.train.seed, rank, world, device,
-                                         workers, cl, dt)
-        desc = f"torchvision ImageFolder with {workers} workers on {train_dir} (not DALI: {reason})"
+        cls = NvjpegTwoViewLoader if device.type == "cuda" else TorchvisionTwoViewLoader
+        train = cls(train_dir, specs, cfg.train.batch_size, cfg.train.seed, rank, world, device, workers, cl, dt)
+        how = "nvJPEG decode + GPU augmentation" if device.type == "cuda" else "PIL decode + augmentation in workers"
+        desc = f"torchvision ImageFolder, {how}, {workers} workers, on {train_dir} (not DALI: {reason})"
     log.info("data path: %s", desc)
     ebs = max(cfg.train.batch_size, 128)
     val = FolderEvalLoader(val_dir, ebs, rank, world, device, workers)
