@@ -33,3 +33,29 @@ def test_bench_data_tiny(tmp_path, capsys):
     assert paths["cifar_device"]["img_per_s"] > 0 and paths["torchvision_cpu_baseline"]["img_per_s"] > 0
     sizes = [p.stat().st_size for p in (tmp_path / "j" / "train").rglob("*.jpg")]
     assert len(sizes) == 32 and 40_000 < sum(sizes) / len(sizes) < 120_000  # photo-like 500x375 JPEGs
+
+
+def test_bench_step_tiny(tmp_path):
+    from bench import bench_step
+
+    rows = bench_step.main(["--tiny", "--out", str(tmp_path / "rows.jsonl")])
+    variants = [r["variant"] for r in rows]
+    assert variants[0] == "a_reference" and variants[1].startswith("b_fast") and variants[2] == "c_backbone_floor"
+    assert rows[1]["b_over_a"] > 0 and all(r["views_per_s"] > 0 for r in rows)
+
+
+def test_e2e_and_vssl_vs_byol_commands_tiny(cifar_tiny_tar, tmp_path, monkeypatch):
+    from bench import bench_e2e, vssl_vs_byol
+
+    # the train.py subprocesses run the CPU reference path, not the (slow) Triton interpreter
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    rows = bench_e2e.main(["--tiny", "--cifar", str(cifar_tiny_tar), "--work", str(tmp_path / "e2e"), "--out", ""])
+    assert {r["path"] for r in rows} == {"cifar_gpu", "jpeg_folder"} and all(r["train_views_per_s"] > 0 for r in rows)
+    rows, summary = vssl_vs_byol.main(["--tiny", "--cifar", str(cifar_tiny_tar), "--epochs", "1",
+                                       "--work", str(tmp_path / "cmp"), "--out", "", f"--data.cache_dir={tmp_path / 'c'}"])
+    assert [r["method"] for r in rows] == ["vssl", "byol", "vssl"]
+    for r in rows:  # the table comes from each run's own results.json
+        res = __import__("json").loads((tmp_path / "cmp" / f"{r['method']}_{r['run']}" / "results.json").read_text())
+        assert r["online_top1"] == res["online_top1"] and r["knn_k200_top1"] == res["knn_k200_t0.1_top1"]
+    assert summary["vssl_repeat_spread_online"] == 0.0  # same seed, same CPU: identical

@@ -20,7 +20,6 @@ schedules, counters, loader position and every RNG).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -38,7 +37,8 @@ from vssl_fast.distributed import cleanup, init_distributed
 from vssl_fast.evaluate import knn_eval, online_eval
 from vssl_fast.models import SSLModel
 from vssl_fast.monitor import Monitor, setup_logging
-from vssl_fast.optim import build_optimizer, set_lrs, tau_schedule
+from vssl_fast.optim import build_optimizer
+from vssl_fast.step import TrainStep
 
 __all__ = ["Trainer", "NonFiniteError", "EXIT_PREEMPTED"]
 
@@ -99,11 +99,8 @@ class Trainer:
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-        self.step = 0
-        self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.consecutive = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.tau = torch.tensor(cfg.optim.tau_base, device=self.device)
-        self.noise_seed = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.stepper = TrainStep(model, self.forward, self.opt, cfg.method, cfg.optim, self.device, self.amp_dtype,
+                                 self.scaler, self.dist.enabled, cfg.train.seed, self.dist.rank)
         self.history: list[dict] = []
         self.monitor = Monitor(self.run_dir, self.dist.is_main, cfg.log.tensorboard, cfg.log.progress)
         self._stop = False
@@ -144,8 +141,8 @@ class Trainer:
             state = {
                 "config": self.cfg.to_dict(), "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None, "loader": self.data.train.state_dict(),
-                "epoch": self.data.train.epoch, "skipped": self.skipped.clone(), "consecutive": self.consecutive.clone(),
-                "noise_seed": self.noise_seed.clone(), "rng": rngs, "history": json.dumps(self.history),
+                "epoch": self.data.train.epoch, "stepper": self.stepper.state_dict(), "rng": rngs,
+                "history": json.dumps(self.history),
             }
             path = ckpt.save_checkpoint(state, self.ckpt_dir, self.step, self.cfg.ckpt.keep)
             self.log.info("checkpoint %s", path)
@@ -167,10 +164,7 @@ class Trainer:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.data.train.load_state_dict(state["loader"])
-        self.step = int(state["step"])
-        self.skipped.copy_(state["skipped"])
-        self.consecutive.copy_(state["consecutive"])
-        self.noise_seed.copy_(state["noise_seed"])
+        self.stepper.load_state_dict(state["stepper"])
         self.history = json.loads(state["history"])
         rngs = state["rng"]
         if len(rngs) != self.dist.world:
@@ -180,41 +174,13 @@ class Trainer:
                       self.data.train.step)
 
     # ------------------------------------------------------------------ the step
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+    @property
+    def step(self) -> int:
+        return self.stepper.step
 
     def train_step(self, x1, x2, y):
-        cfg = self.cfg
-        set_lrs(self.opt, self.step, self.warmup_steps, self.total_steps, cfg.optim.warmup_start_lr, cfg.optim.min_lr)
-        self.tau.fill_(tau_schedule(self.step, self.total_steps, cfg.optim.tau_base, cfg.optim.tau_final))
-        self.noise_seed.add_(1)
-        seed = self.noise_seed + (cfg.train.seed * 1_000_003 + self.dist.rank) * (1 << 32)
-        with self._autocast():
-            loss, parts = self.forward(x1, x2, y, cfg.method, seed)
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.opt)
-        else:
-            loss.backward()
-        grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
-        bad = ~torch.isfinite(loss.detach()) | ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-        bad = bad.to(torch.int32).reshape(1)
-        if self.dist.enabled:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if self.scaler:
-            self.scaler.step(self.opt)  # the scaler skips on inf itself (with its own host sync)
-            self.scaler.update()
-        else:
-            self.opt.step(skip=bad)
-        badf = bad.reshape(()).bool()
-        self.model.ema_update(torch.where(badf, torch.ones_like(self.tau), self.tau))
-        self.skipped += badf.long()
-        self.consecutive.copy_((self.consecutive + badf.long()) * badf.long())
-        self.step += 1
-        return parts
+        self.stepper.schedule(self.warmup_steps, self.total_steps)
+        return self.stepper(x1, x2, y)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, epoch: int, knn: bool) -> dict:
@@ -285,10 +251,10 @@ class Trainer:
     def _log_step(self, parts, epoch, t_log, n, wait, views_per_step, t_start):
         cfg = self.cfg
         vals = {k: float(v) for k, v in parts.items()}  # the log point: one host sync
-        skipped, consec = int(self.skipped), int(self.consecutive)
+        skipped, consec = int(self.stepper.skipped), int(self.stepper.consecutive)
         dt = max(time.time() - t_log, 1e-9)
         row = {"kind": "train", "step": self.step, "epoch": epoch, **vals, "lr": self.opt.param_groups[0]["lr"],
-               "tau": float(self.tau), "img_per_s": n * views_per_step / 2 / dt, "views_per_s": n * views_per_step / dt,
+               "tau": float(self.stepper.tau), "img_per_s": n * views_per_step / 2 / dt, "views_per_s": n * views_per_step / dt,
                "data_wait": wait / dt, "step_time_ms": 1e3 * dt / max(n, 1), "skipped": skipped}
         if self.device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -315,7 +281,7 @@ class Trainer:
             "epochs": self.step / max(self.steps_per_epoch, 1), "online_top1": last_eval.get("online_top1"),
             "online_top5": last_eval.get("online_top5"), "knn_top1": last_eval.get(k0),
             **{k: v for k, v in last_eval.items() if k.startswith("knn_")},
-            "wall_time_s": wall, "skipped_steps": int(self.skipped), "world_size": self.dist.world,
+            "wall_time_s": wall, "skipped_steps": int(self.stepper.skipped), "world_size": self.dist.world,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "torch": torch.__version__, "compile": self.compile_mode,
         }

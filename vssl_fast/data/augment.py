@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ViewSpec", "view_specs", "sample_params", "augment", "augment_list", "finish", "resized_crop", "color_jitter", "grayscale",
+__all__ = ["ViewSpec", "view_specs", "sample_params", "augment", "augment_list", "finish", "resized_crop", "color_jitter",
+           "grayscale",
            "gaussian_blur", "solarize", "normalize", "rrc_params", "MEANS_STDS"]
 
 MEANS_STDS = {
