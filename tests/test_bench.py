@@ -35,8 +35,11 @@ def test_bench_data_tiny(tmp_path, capsys):
     assert len(sizes) == 32 and 40_000 < sum(sizes) / len(sizes) < 120_000  # photo-like 500x375 JPEGs
 
 
-def test_bench_step_tiny(tmp_path):
+def test_bench_step_tiny(tmp_path, monkeypatch):
     from bench import bench_step
+
+    # ResNet-18's 11M parameters through the Triton interpreter would take minutes: CPU reference path here
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
     rows = bench_step.main(["--tiny", "--out", str(tmp_path / "rows.jsonl")])
     variants = [r["variant"] for r in rows]

@@ -1,0 +1,64 @@
+"""The product's step: a non-finite loss or gradient skips the step on the device (params, optimizer state
+and teacher untouched) and is counted; the trainer stops after several in a row."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_train import run_train, tiny_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import tiny_model  # noqa: E402
+
+from vssl_fast.config import OptimConfig  # noqa: E402
+from vssl_fast.kernels import FusedLARS  # noqa: E402
+from vssl_fast.method import MethodConfig  # noqa: E402
+from vssl_fast.step import TrainStep  # noqa: E402
+
+
+@pytest.mark.parametrize("poison", ["loss", "grad"])
+def test_nonfinite_step_is_skipped_and_counted(poison, kernel_device):
+    torch.manual_seed(0)
+    cfg = MethodConfig(proj_output_dim=4, impl="reference")
+    model = tiny_model(cfg).to(kernel_device)
+    opt = FusedLARS(model.parameter_groups(0.1, 1e-5, 0.1), lr=0.1, weight_decay=1e-5)
+    calls = {"n": 0}
+
+    def forward(x1, x2, y, mcfg, seed):
+        loss, parts = model(x1, x2, y, mcfg, seed)
+        calls["n"] += 1
+        if calls["n"] == 2:  # poison the second step
+            if poison == "loss":
+                loss = loss * float("nan")
+            else:
+                loss = loss + model.classifier.weight.sum() * float("inf")
+        return loss, parts
+
+    step = TrainStep(model, forward, opt, cfg, OptimConfig(), kernel_device)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.rand(6, 3, 8, 8, generator=g).to(kernel_device), torch.rand(6, 3, 8, 8, generator=g).to(kernel_device)
+    y = torch.randint(0, 3, (6,), generator=g).to(kernel_device)
+    step(x1, x2, y)
+    snap = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    bufs = [opt.state[p]["momentum_buffer"].clone() for g_ in opt.param_groups for p in g_["params"]]
+    step(x1, x2, y)  # poisoned
+    assert int(step.skipped) == 1 and int(step.consecutive) == 1
+    for k, v in model.state_dict().items():
+        if k in snap:
+            assert torch.equal(v, snap[k]), f"{k} changed on a skipped step"
+    assert all(torch.equal(a, opt.state[p]["momentum_buffer"])
+               for a, p in zip(bufs, [p for g_ in opt.param_groups for p in g_["params"]]))
+    step(x1, x2, y)  # a good step again
+    assert int(step.skipped) == 1 and int(step.consecutive) == 0
+    assert not torch.equal(model.classifier.weight, snap["classifier.weight"])
+
+
+def test_trainer_stops_after_consecutive_nonfinite_steps(cifar_tiny_tar, tmp_path):
+    # an absurd learning rate makes every step after the first non-finite
+    args = tiny_args(cifar_tiny_tar, tmp_path / "run", tmp_path / "cache", steps=12, optim__lr="1e30",
+                     optim__warmup_epochs="0", train__max_consecutive_skips="3")
+    r = run_train(args)
+    assert r.returncode != 0
+    assert "3 consecutive steps had a non-finite loss or gradient" in r.stderr
+    assert "skipped 3" in r.stdout
