@@ -107,37 +107,75 @@ def knn_eval(backbone, bank_loader, val_loader, device, ks, ts, num_classes, chu
     return out
 
 
-def linear_eval(backbone, train_images, train_labels, val_loader, num_classes, device, *, epochs=100, batch_size=256,
-                lr=0.3, crop_size=32, mean=None, std=None, seed=0, log=print) -> dict:
-    """Offline linear protocol (§3.6) on a device-resident array dataset (CIFAR)."""
+def array_linear_batches(images, labels, batch_size, crop_size, mean, std, seed):
+    """Offline-linear training batches for a device-resident array dataset: RRC (0.08, 1) + flip."""
     from vssl_fast.data.augment import ViewSpec, augment
     from vssl_fast.data.loader import batch_seed
 
+    spec = ViewSpec(crop_size=crop_size, jitter_p=0.0, gray_p=0.0, mean=mean, std=std)
+    n = images.shape[0]
+
+    def batches(epoch):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(batch_seed(seed, 0, epoch, -1)))
+        perm = perm.to(images.device)
+        for s in range(0, n - batch_size + 1, batch_size):
+            idx = perm[s:s + batch_size]
+            g = torch.Generator(device=images.device).manual_seed(batch_seed(seed, 0, epoch, s))
+            yield augment(images.index_select(0, idx), spec, g), labels.index_select(0, idx)
+
+    return batches
+
+
+def folder_linear_batches(train_dir, batch_size, crop_size, workers, seed, device):
+    """Offline-linear training batches for an image folder: RandomResizedCrop (bicubic) + flip, torchvision."""
+    from torchvision import transforms as T
+
+    from vssl_fast.data.augment import MEANS_STDS
+    from vssl_fast.data.folder import SkippingImageFolder
+
+    mean, std = MEANS_STDS["imagenet"]
+    tf = T.Compose([T.RandomResizedCrop(crop_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                    T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    ds = SkippingImageFolder(train_dir, tf)
+
+    def batches(epoch):
+        g = torch.Generator().manual_seed(seed * 7919 + epoch)
+        dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, generator=g,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+        for x, y in dl:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    return batches
+
+
+def linear_eval(backbone, train_batches, val_loader, num_classes, device, *, epochs=100, batch_size=256, lr=0.3,
+                amp_dtype=None, log=print) -> dict:
+    """Offline linear protocol (§3.6): frozen backbone in eval mode, a fresh Linear, SGD momentum 0.9,
+    lr 0.3 x batch/256, wd 0, MultiStep x0.1 at 60% and 80% of the epochs (60 and 80 of 100)."""
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-    feat_dim = backbone(val_loader.__iter__().__next__()[0][:2].to(device)).shape[1]
-    head = torch.nn.Linear(feat_dim, num_classes).to(device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=0.9, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(epochs * 0.6), int(epochs * 0.8)], gamma=0.1)
-    spec = ViewSpec(crop_size=crop_size, jitter_p=0.0, gray_p=0.0, mean=mean, std=std)  # RRC (0.08, 1) + flip
-    n = train_images.shape[0]
+    head = None
+    opt = sched = None
     for ep in range(epochs):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(batch_seed(seed, 0, ep, -1))).to(device)
-        for s in range(0, n - batch_size + 1, batch_size):
-            idx = perm[s:s + batch_size]
-            g = torch.Generator(device=device).manual_seed(batch_seed(seed, 0, ep, s))
-            x = augment(train_images.index_select(0, idx), spec, g)
-            with torch.no_grad():
-                f = backbone(x)
-            loss = F.cross_entropy(head(f.float()), train_labels.index_select(0, idx))
+        loss = None
+        for x, y in train_batches(ep):
+            with torch.no_grad(), _autocast(device, amp_dtype):
+                f = backbone(x).float()
+            if head is None:
+                head = torch.nn.Linear(f.shape[1], num_classes).to(device)
+                opt = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=0.9, weight_decay=0.0)
+                sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(epochs * 0.6), int(epochs * 0.8)], gamma=0.1)
+            loss = F.cross_entropy(head(f), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if sched is None:
+            raise ValueError("linear_eval: the training split gave no full batch")
         sched.step()
         if (ep + 1) % max(1, epochs // 10) == 0:
             log(f"linear epoch {ep + 1}/{epochs} loss {loss.item():.4f}")
-    feats, labels = extract_features(backbone, val_loader, device)
+    feats, labels = extract_features(backbone, val_loader, device, amp_dtype)
     top = head(feats).topk(min(5, num_classes), dim=1).indices
     m = max(labels.shape[0], 1)
     return {"linear_top1": 100.0 * (top[:, 0] == labels).sum().item() / m,
@@ -171,6 +209,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k", default="20,200")
     ap.add_argument("--t", default="0.07,0.1")
     ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--out", default="", help="write the result as JSON here")
     args, rest = ap.parse_known_args(argv)
     from vssl_fast.data import build_data
@@ -184,12 +223,17 @@ def main(argv=None) -> int:
         ts = [float(x) for x in args.t.split(",")]
         res = knn_eval(bb, data.bank, data.val, device, ks, ts, data.num_classes, cfg.eval.knn_chunk)
     else:
-        if not hasattr(data.train, "images"):
-            raise SystemExit("the offline linear command runs on array datasets (CIFAR) here; "
-                             "for image folders use the kNN command or the online probe")
-        res = linear_eval(bb, data.train.images, data.train.labels, data.val, data.num_classes, device,
-                          epochs=args.epochs, crop_size=cfg.data.crop_size, mean=data.train.specs[0].mean,
-                          std=data.train.specs[0].std, seed=cfg.train.seed)
+        bs = args.batch_size
+        if hasattr(data.train, "images"):  # CIFAR on the device; solo-learn has no CIFAR protocol: RRC 32 + flip
+            batches = array_linear_batches(data.train.images, data.train.labels, bs, cfg.data.crop_size,
+                                           data.train.specs[0].mean, data.train.specs[0].std, cfg.train.seed)
+        else:  # ImageNet-100 and other folders: §3.6 as written
+            from pathlib import Path
+
+            batches = folder_linear_batches(Path(cfg.data.path) / "train", bs, cfg.data.crop_size,
+                                            cfg.data.workers or 4, cfg.train.seed, device)
+        amp = torch.bfloat16 if device.type == "cuda" else None
+        res = linear_eval(bb, batches, data.val, data.num_classes, device, epochs=args.epochs, batch_size=bs, amp_dtype=amp)
     print(json.dumps(res, indent=2))
     if args.out:
         with open(args.out, "w") as f:

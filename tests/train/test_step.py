@@ -10,9 +10,9 @@ from helpers_train import run_train, tiny_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import tiny_model  # noqa: E402
+from vssl_fast.kernels import FusedLARS  # noqa: E402
 
 from vssl_fast.config import OptimConfig  # noqa: E402
-from vssl_fast.kernels import FusedLARS  # noqa: E402
 from vssl_fast.method import MethodConfig  # noqa: E402
 from vssl_fast.step import TrainStep  # noqa: E402
 

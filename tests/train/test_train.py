@@ -145,3 +145,37 @@ def test_knn_command_on_a_checkpoint(baseline, cifar_tiny_tar, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert 0 <= res["knn_k20_t0.07_top1"] <= 100 and "knn_k200_t0.1_top1" in res
+
+
+def test_linear_command_on_a_checkpoint(baseline, cifar_tiny_tar, tmp_path):
+    last = ckpt.find_latest(baseline / "checkpoints")
+    out = tmp_path / "lin.json"
+    r = subprocess.run([sys.executable, "-m", "vssl_fast.evaluate", "linear", "--ckpt", str(last), "--epochs", "2",
+                        "--batch-size", "32", "--out", str(out), f"--data.path={cifar_tiny_tar}",
+                        f"--data.cache_dir={tmp_path / 'c'}"], cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert 0 <= res["linear_top1"] <= 100 and res["linear_top5"] >= res["linear_top1"]
+
+
+def test_linear_eval_on_an_image_folder(tmp_path):
+    """The §3.6 protocol on a class-folder tree (the ImageNet-100 path), with a small backbone."""
+    import numpy as np
+    from PIL import Image
+
+    from vssl_fast.data.folder import FolderEvalLoader
+    from vssl_fast.evaluate import folder_linear_batches, linear_eval
+
+    for split in ("train", "val"):
+        for c in range(2):
+            d = tmp_path / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(np.full((40, 48, 3), 200 * c + i, np.uint8)).save(d / f"{i}.jpg")
+    bb = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    dev = torch.device("cpu")
+    batches = folder_linear_batches(tmp_path / "train", 4, 24, 0, 0, dev)
+    val = FolderEvalLoader(tmp_path / "val", 8, 0, 1, dev, 0, crop=24, resize=28)
+    res = linear_eval(bb, batches, val, 2, dev, epochs=3, batch_size=4, log=lambda *_: None)
+    assert set(res) == {"linear_top1", "linear_top5"} and res["linear_top5"] == 100.0
