@@ -12,13 +12,10 @@ u, p and writes p (12): 48 B. (apex moves 52 B: it also re-reads u for its norm.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from vssl_fast.kernels import FusedLAMB, LAMBReference
 
-from bench.bench_optim_common import assert_same_step, run_providers
-from bench.common import bench_device, env_info, header, markdown_table, write_results
+from bench.bench_optim_common import optimizer_bench_main
 
 KW = dict(lr=2e-3, weight_decay=0.01, max_grad_norm=1.0)
 
@@ -86,23 +83,7 @@ def providers():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--out", default="bench/results/lamb.jsonl")
-    args = ap.parse_args(argv)
-    env = env_info()
-    p = providers()
-
-    def check(groups, restore):
-        assert_same_step(p["reference"], p["ours"], groups, restore, what="FusedLAMB vs reference")
-        assert_same_step(p["reference"], p["foreach"], groups, restore, what="foreach LAMB vs reference")
-
-    rows = run_providers("lamb", p, args.tiny, bench_device(), 48, check)
-    print(header("LAMB", env))
-    print(markdown_table(rows, ["op", "tensors", "numel", "provider", "ms", "p20", "p80", "GBps", "pct_peak", "x_roofline",
-                                "speedup_vs_reference", "note"]))
-    write_results("lamb", rows, args.out, env)
-    return rows
+    return optimizer_bench_main("lamb", "LAMB", providers(), 48, __doc__, argv)
 
 
 if __name__ == "__main__":

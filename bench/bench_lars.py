@@ -10,13 +10,10 @@ update reads g, p, buf and writes buf, p (20): 28 B.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from vssl_fast.kernels import FusedLARS, LARSReference
 
-from bench.bench_optim_common import assert_same_step, run_providers
-from bench.common import bench_device, env_info, header, markdown_table, write_results
+from bench.bench_optim_common import optimizer_bench_main
 
 KW = dict(lr=1.0, weight_decay=1e-5, momentum=0.9, eta=0.02)
 
@@ -59,23 +56,7 @@ def providers():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--out", default="bench/results/lars.jsonl")
-    args = ap.parse_args(argv)
-    env = env_info()
-    p = providers()
-
-    def check(groups, restore):
-        assert_same_step(p["reference"], p["ours"], groups, restore, what="FusedLARS vs reference")
-        assert_same_step(p["reference"], p["foreach"], groups, restore, what="foreach LARS vs reference")
-
-    rows = run_providers("lars", p, args.tiny, bench_device(), 28, check)
-    print(header("LARS", env))
-    print(markdown_table(rows, ["op", "tensors", "numel", "provider", "ms", "p20", "p80", "GBps", "pct_peak", "x_roofline",
-                                "speedup_vs_reference"]))
-    write_results("lars", rows, args.out, env)
-    return rows
+    return optimizer_bench_main("lars", "LARS", providers(), 28, __doc__, argv)
 
 
 if __name__ == "__main__":

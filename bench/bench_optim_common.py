@@ -57,3 +57,27 @@ def assert_same_step(make_a, make_b, groups, restore, rtol=1e-4, atol=1e-6, what
     make_b(fresh(groups))()
     for i, (x, p) in enumerate(zip(a, params)):
         torch.testing.assert_close(x, p.detach(), rtol=rtol, atol=atol, msg=lambda m, i=i: f"{what} tensor {i}: {m}")
+
+
+def optimizer_bench_main(op: str, title: str, providers: dict, bytes_per_elem: int, doc: str, argv=None):
+    """The shared command line of bench_lamb / bench_lars: check ours and foreach against the reference, time all."""
+    import argparse
+
+    from bench.common import bench_device, env_info, header, markdown_table, write_results
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out", default=f"bench/results/{op}.jsonl")
+    args = ap.parse_args(argv)
+    env = env_info()
+
+    def check(groups, restore):
+        assert_same_step(providers["reference"], providers["ours"], groups, restore, what=f"{title} ours vs reference")
+        assert_same_step(providers["reference"], providers["foreach"], groups, restore, what=f"{title} foreach vs reference")
+
+    rows = run_providers(op, providers, args.tiny, bench_device(), bytes_per_elem, check)
+    print(header(title, env))
+    print(markdown_table(rows, ["op", "tensors", "numel", "provider", "ms", "p20", "p80", "GBps", "pct_peak", "x_roofline",
+                                "speedup_vs_reference", "note"]))
+    write_results(op, rows, args.out, env)
+    return rows

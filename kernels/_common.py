@@ -29,3 +29,11 @@ def require_triton(fn: str, device: torch.device) -> None:
             f"{fn}: the Triton kernel needs a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors "
             f"(got a tensor on {device}); use the reference implementation instead"
         )
+
+
+def run_closure(closure):
+    """An optimizer's closure, re-evaluated with gradients enabled (torch.optim's convention)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import require_triton, triton_available
+from ._common import require_triton, run_closure, triton_available
 from ._multi_tensor import (
     BLOCK,
     TL_DTYPES,
@@ -166,10 +166,7 @@ class LAMBReference(_LAMBBase):
 
     @torch.no_grad()
     def step(self, closure=None, *, skip=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         if skip is not None and bool(skip):
             return loss
         params = self._grads()
@@ -263,10 +260,7 @@ class FusedLAMB(_LAMBBase):
 
     @torch.no_grad()
     def step(self, closure=None, *, skip=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         params = self._grads()
         if not params:
             return loss

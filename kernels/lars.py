@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import triton_available
+from ._common import run_closure, triton_available
 from ._multi_tensor import (
     BLOCK,
     TL_DTYPES,
@@ -82,10 +82,7 @@ class LARSReference(_LARSBase):
 
     @torch.no_grad()
     def step(self, closure=None, *, skip=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         if skip is not None and bool(skip):
             return loss
         for group in self.param_groups:
@@ -130,10 +127,7 @@ class FusedLARS(_LARSBase):
 
     @torch.no_grad()
     def step(self, closure=None, *, skip=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return loss

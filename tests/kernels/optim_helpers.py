@@ -80,3 +80,12 @@ def roundtrip_exact(fused_cls, device, kwargs, second_group, steps=10, grad_scal
             assert torch.equal(x, y), f"step {k}: resumed optimizer diverged"
         for x, y in zip(state_tensors(oa), state_tensors(ob)):
             assert torch.equal(x, y), f"step {k}: resumed state diverged"
+
+
+def assert_nonfinite_match(got, want, rtol=1e-5, atol=1e-6):
+    """NaN and inf positions identical (checked apart from values), finite values close."""
+    for a, b in zip(got, want):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), "NaN positions differ"
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), "inf positions differ"
+        fin = torch.isfinite(b)
+        torch.testing.assert_close(a[fin].detach(), b[fin].detach(), rtol=rtol, atol=atol)
