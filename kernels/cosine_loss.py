@@ -124,6 +124,15 @@ def _cos_grad_store(out_ptr, rows, rmask, D, a_ptr, b_ptr, a_stride, b_stride, k
 
 
 @triton.jit
+def _pair_stats(a_ptr, b_ptr, u_ptr, v_ptr, s_a, s_b, s_u, s_v, rows, rmask, D, beta,
+                BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """Both cosines of a row (means a.b, variances u.v) with their norms, and m = S(c_mu), s = S(c_u)."""
+    c_mu, ia_m, ib_m, big_m = _row_cos(a_ptr, b_ptr, s_a, s_b, rows, rmask, D, BLOCK_D, NUM_CHUNKS)
+    c_u, ia_u, ib_u, big_u = _row_cos(u_ptr, v_ptr, s_u, s_v, rows, rmask, D, BLOCK_D, NUM_CHUNKS)
+    return c_mu, ia_m, ib_m, big_m, c_u, ia_u, ib_u, big_u, _softplus_neg(c_mu, beta), _softplus_neg(c_u, beta)
+
+
+@triton.jit
 def _rows_of_program(R, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     return rows, rows < R
@@ -135,10 +144,8 @@ def _cosine_kl_fwd_kernel(mu_ptr, var_ptr, mut_ptr, vart_ptr, z_ptr, kl_ptr, see
                           s_mu, s_var, s_mut, s_vart, R, D, beta, ABS_NOISE: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr):
     rows, rmask = _rows_of_program(R, BLOCK_R)
-    c_mu, _, _, _ = _row_cos(mu_ptr, mut_ptr, s_mu, s_mut, rows, rmask, D, BLOCK_D, NUM_CHUNKS)
-    c_u, _, _, _ = _row_cos(var_ptr, vart_ptr, s_var, s_vart, rows, rmask, D, BLOCK_D, NUM_CHUNKS)
-    m = _softplus_neg(c_mu, beta)
-    s = _softplus_neg(c_u, beta)
+    _, _, _, _, _, _, _, _, m, s = _pair_stats(mu_ptr, mut_ptr, var_ptr, vart_ptr, s_mu, s_mut, s_var, s_vart, rows, rmask,
+                                               D, beta, BLOCK_D, NUM_CHUNKS)
     tl.store(kl_ptr + rows, 0.5 * (tl.log(s) + m * m + s - 1.0), mask=rmask)
     seed = tl.load(seed_ptr)
     for ch in range(NUM_CHUNKS):
@@ -158,10 +165,8 @@ def _cosine_kl_bwd_kernel(gkl_ptr, gz_ptr, mu_ptr, var_ptr, mut_ptr, vart_ptr, s
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr):
     # MU_MODE / VAR_MODE: 0 = no grad_z, 1 = add grad_z, 2 = add grad_z * noise (reparam backward)
     rows, rmask = _rows_of_program(R, BLOCK_R)
-    c_mu, ia_m, ib_m, big_m = _row_cos(mu_ptr, mut_ptr, s_mu, s_mut, rows, rmask, D, BLOCK_D, NUM_CHUNKS)
-    c_u, ia_u, ib_u, big_u = _row_cos(var_ptr, vart_ptr, s_var, s_vart, rows, rmask, D, BLOCK_D, NUM_CHUNKS)
-    m = _softplus_neg(c_mu, beta)
-    s = _softplus_neg(c_u, beta)
+    c_mu, ia_m, ib_m, big_m, c_u, ia_u, ib_u, big_u, m, s = _pair_stats(
+        mu_ptr, mut_ptr, var_ptr, vart_ptr, s_mu, s_mut, s_var, s_vart, rows, rmask, D, beta, BLOCK_D, NUM_CHUNKS)
     g = tl.load(gkl_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     k_mu = -g * m * _sigmoid(-beta * c_mu)
     k_u = -g * 0.5 * (1.0 + 1.0 / s) * _sigmoid(-beta * c_u)
@@ -176,10 +181,8 @@ def _cosine_kl_bwd_kernel(gkl_ptr, gz_ptr, mu_ptr, var_ptr, mut_ptr, vart_ptr, s
 def _cosine_ll_fwd_kernel(m_ptr, r_ptr, mut_ptr, vart_ptr, ll_ptr, s_m, s_r, s_mut, s_vart, R, D, beta,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr):
     rows, rmask = _rows_of_program(R, BLOCK_R)
-    c_mu, _, _, _ = _row_cos(m_ptr, mut_ptr, s_m, s_mut, rows, rmask, D, BLOCK_D, NUM_CHUNKS)
-    c_u, _, _, _ = _row_cos(r_ptr, vart_ptr, s_r, s_vart, rows, rmask, D, BLOCK_D, NUM_CHUNKS)
-    m = _softplus_neg(c_mu, beta)
-    s = _softplus_neg(c_u, beta)
+    _, _, _, _, _, _, _, _, m, s = _pair_stats(m_ptr, mut_ptr, r_ptr, vart_ptr, s_m, s_mut, s_r, s_vart, rows, rmask, D,
+                                               beta, BLOCK_D, NUM_CHUNKS)
     tl.store(ll_ptr + rows, tl.log(s) + 4.0 * s + m * m * s, mask=rmask)
 
 
@@ -187,10 +190,8 @@ def _cosine_ll_fwd_kernel(m_ptr, r_ptr, mut_ptr, vart_ptr, ll_ptr, s_m, s_r, s_m
 def _cosine_ll_bwd_kernel(gll_ptr, m_ptr, r_ptr, mut_ptr, vart_ptr, dm_ptr, dr_ptr, s_m, s_r, s_mut, s_vart, R, D,
                           beta, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr):
     rows, rmask = _rows_of_program(R, BLOCK_R)
-    c_mu, ia_m, ib_m, big_m = _row_cos(m_ptr, mut_ptr, s_m, s_mut, rows, rmask, D, BLOCK_D, NUM_CHUNKS)
-    c_u, ia_u, ib_u, big_u = _row_cos(r_ptr, vart_ptr, s_r, s_vart, rows, rmask, D, BLOCK_D, NUM_CHUNKS)
-    m = _softplus_neg(c_mu, beta)
-    s = _softplus_neg(c_u, beta)
+    c_mu, ia_m, ib_m, big_m, c_u, ia_u, ib_u, big_u, m, s = _pair_stats(
+        m_ptr, mut_ptr, r_ptr, vart_ptr, s_m, s_mut, s_r, s_vart, rows, rmask, D, beta, BLOCK_D, NUM_CHUNKS)
     g = tl.load(gll_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     k_mu = -g * 2.0 * m * s * _sigmoid(-beta * c_mu)
     k_u = -g * (1.0 / s + 4.0 + m * m) * _sigmoid(-beta * c_u)
