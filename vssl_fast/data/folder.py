@@ -224,6 +224,7 @@ class TorchvisionTwoViewLoader:
                                                                        shuffle=True, seed=seed, drop_last=True)
         self.batch_size, self.device, self.workers = batch_size, device, workers
         self.channels_last, self.out_dtype, self.seed, self.world = channels_last, out_dtype, seed, world
+        self.rank = rank
         self.steps_per_epoch = len(self.sampler) // batch_size
         self.epoch, self.step = 0, 0
 
@@ -234,9 +235,12 @@ class TorchvisionTwoViewLoader:
         self.epoch, self.step = int(st["epoch"]), int(st["step"])
 
     def __iter__(self):
+        from vssl_fast.data.loader import batch_seed
+
         self.sampler.set_epoch(self.epoch)
         idx = list(self.sampler)[self.step * self.batch_size: self.steps_per_epoch * self.batch_size]
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        # augmentation streams: deterministic per (seed, rank, epoch), different across ranks
+        g = torch.Generator().manual_seed(batch_seed(self.seed, self.rank, self.epoch, -2))
         dl = torch.utils.data.DataLoader(
             torch.utils.data.Subset(self.ds, idx), batch_size=self.batch_size, num_workers=self.workers,
             drop_last=True, pin_memory=self.device.type == "cuda", generator=g, persistent_workers=False,
@@ -316,7 +320,7 @@ class NvjpegTwoViewLoader(TorchvisionTwoViewLoader):
                                          num_workers=self.workers, drop_last=True, collate_fn=_collate_bytes)
         for datas, y, paths in dl:
             imgs, keep = self._decode(datas, paths)
-            g = torch.Generator(device=self.device).manual_seed(batch_seed(self.seed, 0, self.epoch, self.step))
+            g = torch.Generator(device=self.device).manual_seed(batch_seed(self.seed, self.rank, self.epoch, self.step))
             v1, v2 = (augment_list(imgs, s, g).to(self.out_dtype) for s in self.specs)
             if self.channels_last:
                 v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
