@@ -7,7 +7,8 @@ Variants, in the same process on the same card, after warm-up (and compilation):
   (a) reference: typical SSL code: eager, fp16 autocast with a GradScaler, contiguous memory,
       the reference losses, per-parameter LARS (solo-learn's, host syncs) and a per-parameter EMA loop;
   (b) fast: what the trainer runs by default: bf16 autocast, channels-last, fused Triton losses,
-      FusedLARS, multi-tensor EMA, the non-finite skip flag, torch.compile per train.compile=auto;
+      FusedLARS, multi-tensor EMA, the non-finite skip flag, torch.compile per train.compile=auto
+      (``--compile-modes auto,none,default,reduce-overhead`` times each mode, to decide by measurement);
   (c) floor: the backbone alone: student forward+backward on both views, teacher forward, bf16
       channels-last, eager.
 Views/s = 2 B / median step time. The JSON rows carry card, versions, date and git revision.
@@ -26,6 +27,7 @@ from vssl_fast.config import load_config
 from vssl_fast.models import SSLModel
 from vssl_fast.optim import build_optimizer
 from vssl_fast.step import TrainStep
+from vssl_fast.trainer import resolve_compile_mode
 
 
 def _model(cfg, num_classes, device, channels_last):
@@ -78,7 +80,7 @@ class FloorStep:
             p.grad = None
 
 
-def run_case(px: int, batch: int, device, tiny: bool) -> list[dict]:
+def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",)) -> list[dict]:
     preset = "cifar10" if px <= 64 else "imagenet100"
     cfg = load_config(["--preset", preset, f"--data.crop_size={px}", f"--train.batch_size={batch}"])
     if tiny:
@@ -107,26 +109,27 @@ def run_case(px: int, batch: int, device, tiny: bool) -> list[dict]:
     m = _model(cfg, 10, device, channels_last=False)
     measure("a_reference", ReferenceStep(m, cfg, device), (x1, x2, y), m)
     del m
-    # (b) the product's default fast step
-    m = _model(cfg, 10, device, channels_last=cuda)
+    # (b) the product's fast step, once per compile mode asked for ('auto' = what the trainer picks)
     cl = (lambda t: t.contiguous(memory_format=torch.channels_last)) if cuda else (lambda t: t)
     xb = (cl(x1.to(torch.bfloat16 if cuda else torch.float32)), cl(x2.to(torch.bfloat16 if cuda else torch.float32)), y)
-    forward = m
-    mode = "default" if (cuda and px <= 64) else "none"
-    if mode != "none":
-        forward = torch.compile(m, mode=mode)
-    opt = build_optimizer(m, cfg, 1)
-    step = TrainStep(m, forward, opt, cfg.method, cfg.optim, device, torch.bfloat16 if cuda else None)
-    measure(f"b_fast(compile={mode})", step, xb, m)
-    del m, step, opt
+    for requested in compile_modes:
+        mode = resolve_compile_mode(requested, device, px)
+        m = _model(cfg, 10, device, channels_last=cuda)
+        forward = torch.compile(m, mode=mode) if mode != "none" else m
+        opt = build_optimizer(m, cfg, 1)
+        step = TrainStep(m, forward, opt, cfg.method, cfg.optim, device, torch.bfloat16 if cuda else None)
+        measure(f"b_fast(compile={mode}{'=auto' if requested == 'auto' else ''})", step, xb, m)
+        del m, step, opt, forward
+        torch._dynamo.reset()
     # (c) the backbone floor
     m = _model(cfg, 10, device, channels_last=cuda)
     measure("c_backbone_floor", FloorStep(m, device), xb, m)
-    a = rows[-3]["views_per_s"]
+    a = next(r for r in rows if r["variant"] == "a_reference")["views_per_s"]
     c = rows[-1]["views_per_s"]
-    b = rows[-2]["views_per_s"]
-    rows[-2]["b_over_a"] = b / a
-    rows[-2]["b_over_c"] = b / c
+    for r in rows:
+        if r["variant"].startswith("b_fast"):
+            r["b_over_a"] = r["views_per_s"] / a
+            r["b_over_c"] = r["views_per_s"] / c
     return rows
 
 
@@ -134,6 +137,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--cases", default="32x256,32x512,224x128,224x256", help="PXxBATCH,...")
+    ap.add_argument("--compile-modes", default="auto",
+                    help="fast-step variants to time, e.g. auto,none,default,reduce-overhead (train.compile by measurement)")
     ap.add_argument("--out", default="bench/results/step.jsonl")
     a = ap.parse_args(argv)
     cases = [(16, 4)] if a.tiny else [tuple(int(v) for v in c.split("x")) for c in a.cases.split(",")]
@@ -141,7 +146,7 @@ def main(argv=None):
     device = bench_device()
     rows = []
     for px, b in cases:
-        rows += run_case(px, b, device, a.tiny)
+        rows += run_case(px, b, device, a.tiny, tuple(a.compile_modes.split(",")))
         torch.cuda.empty_cache() if device.type == "cuda" else None
     print(header("training step", env))
     print(markdown_table(rows, ["px", "batch", "variant", "ms", "p20", "p80", "views_per_s", "b_over_a", "b_over_c",

@@ -40,13 +40,20 @@ from vssl_fast.monitor import Monitor, setup_logging
 from vssl_fast.optim import build_optimizer
 from vssl_fast.step import TrainStep
 
-__all__ = ["Trainer", "NonFiniteError", "EXIT_PREEMPTED"]
+__all__ = ["Trainer", "NonFiniteError", "EXIT_PREEMPTED", "resolve_compile_mode"]
 
 EXIT_PREEMPTED = 143
 
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+def resolve_compile_mode(mode: str, device: torch.device, crop_size: int) -> str:
+    """train.compile=auto: 'default' on CUDA at crop sizes <= 64, else 'none' (see the module docstring)."""
+    if mode != "auto":
+        return mode
+    return "default" if (device.type == "cuda" and crop_size <= 64) else "none"
 
 
 class Trainer:
@@ -86,9 +93,7 @@ class Trainer:
         if self.dist.enabled:
             self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.dist.local_rank] if cuda else None)
         self.forward = self.ddp
-        mode = cfg.train.compile
-        if mode == "auto":
-            mode = "default" if (cuda and cfg.data.crop_size <= 64) else "none"
+        mode = resolve_compile_mode(cfg.train.compile, self.device, cfg.data.crop_size)
         if mode != "none":
             self.forward = torch.compile(self.ddp, mode=mode)
         self.compile_mode = mode
