@@ -46,4 +46,4 @@ def tau_schedule(step: int, total_steps: int, base: float, final: float) -> floa
 
 def set_lrs(opt: torch.optim.Optimizer, step: int, warmup_steps: int, total_steps: int, start: float, min_lr: float):
     for g in opt.param_groups:
-        g["lr"] = warmup_cosine(step, g["base_lr"], warmup_steps, total_steps, start, min_lr)
+        g["lr"] = warmup_cosine(step, g.setdefault("base_lr", g["lr"]), warmup_steps, total_steps, start, min_lr)

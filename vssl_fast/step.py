@@ -4,6 +4,12 @@ forward (through DDP / torch.compile when the trainer wraps it) -> backward -> d
 non-finite check (loss and gradient norms; max-reduced across ranks) -> optimizer step with that
 flag as ``skip`` -> EMA with tau = 1 on a skipped step. No host synchronization (the fp16 path's
 GradScaler has its own).
+
+Schedules: the LR and tau are host floats indexed by the number of *applied* steps, so a skipped
+step leaves the schedule where it was. The host learns of skips without a sync only at log points
+(``sync_skips``, called by the trainer when it reads the metrics anyway); on the CPU, where a read
+costs nothing, after every step. So on a GPU the steps between a skip and the next log point run
+one schedule position ahead; the position is exact again from the log point on.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ class TrainStep:
         self.device, self.amp_dtype, self.scaler, self.distributed = device, amp_dtype, scaler, distributed
         self.ema_impl = ema_impl
         self.step = 0
+        self.known_skips = 0  # skips the host has seen (see the module docstring)
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
         self.tau = torch.tensor(optim_cfg.tau_base, device=device)
@@ -37,10 +44,19 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    @property
+    def applied(self) -> int:
+        """Schedule position: steps taken minus the skips the host knows of."""
+        return self.step - self.known_skips
+
+    def sync_skips(self) -> int:
+        self.known_skips = int(self.skipped)
+        return self.known_skips
+
     def schedule(self, warmup_steps: int, total_steps: int) -> None:
         o = self.optim_cfg
-        set_lrs(self.opt, self.step, warmup_steps, total_steps, o.warmup_start_lr, o.min_lr)
-        self.tau.fill_(tau_schedule(self.step, total_steps, o.tau_base, o.tau_final))
+        set_lrs(self.opt, self.applied, warmup_steps, total_steps, o.warmup_start_lr, o.min_lr)
+        self.tau.fill_(tau_schedule(self.applied, total_steps, o.tau_base, o.tau_final))
 
     def __call__(self, x1, x2, y):
         self.noise_seed.add_(1)
@@ -68,14 +84,17 @@ class TrainStep:
         self.skipped += badf.long()
         self.consecutive.copy_((self.consecutive + badf.long()) * badf.long())
         self.step += 1
+        if self.device.type == "cpu":
+            self.sync_skips()
         return parts
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped.clone(), "consecutive": self.consecutive.clone(),
-                "noise_seed": self.noise_seed.clone(), "step": self.step}
+                "noise_seed": self.noise_seed.clone(), "step": self.step, "known_skips": int(self.skipped)}
 
     def load_state_dict(self, st: dict) -> None:
         self.skipped.copy_(st["skipped"])
         self.consecutive.copy_(st["consecutive"])
         self.noise_seed.copy_(st["noise_seed"])
         self.step = int(st["step"])
+        self.known_skips = int(st.get("known_skips", 0))

@@ -256,7 +256,7 @@ class Trainer:
     def _log_step(self, parts, epoch, t_log, n, wait, views_per_step, t_start):
         cfg = self.cfg
         vals = {k: float(v) for k, v in parts.items()}  # the log point: one host sync
-        skipped, consec = int(self.stepper.skipped), int(self.stepper.consecutive)
+        skipped, consec = self.stepper.sync_skips(), int(self.stepper.consecutive)
         dt = max(time.time() - t_log, 1e-9)
         row = {"kind": "train", "step": self.step, "epoch": epoch, **vals, "lr": self.opt.param_groups[0]["lr"],
                "tau": float(self.stepper.tau), "img_per_s": n * views_per_step / 2 / dt, "views_per_s": n * views_per_step / dt,

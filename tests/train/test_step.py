@@ -42,8 +42,12 @@ def test_nonfinite_step_is_skipped_and_counted(poison, kernel_device):
     step(x1, x2, y)
     snap = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
     bufs = [opt.state[p]["momentum_buffer"].clone() for g_ in opt.param_groups for p in g_["params"]]
+    step.schedule(10, 100)
+    pos, lrs, tau = step.applied, [g["lr"] for g in opt.param_groups], float(step.tau)
     step(x1, x2, y)  # poisoned
     assert int(step.skipped) == 1 and int(step.consecutive) == 1
+    step.schedule(10, 100)  # the schedule did not advance: the retry gets the same lr and tau
+    assert step.applied == pos == 1 and [g["lr"] for g in opt.param_groups] == lrs and float(step.tau) == tau
     for k, v in model.state_dict().items():
         if k in snap:
             assert torch.equal(v, snap[k]), f"{k} changed on a skipped step"
