@@ -4,8 +4,9 @@ The step (no host synchronization except at log points every ``log.every_steps``
 forward both views (bf16 autocast and channels-last on GPU by default, fp16 + GradScaler as an
 option), backward, a device-side non-finite check (loss and gradient norms, max-reduced across
 ranks), the optimizer step with that flag as ``skip`` (a no-op on every rank alike), and the EMA
-with ``tau = 1`` on a skipped step (bit-identical teacher). Skips are counted on the device and
-read at log points; ``train.max_consecutive_skips`` in a row stop the run with an error.
+with ``tau = 1`` on a skipped step (bit-identical teacher), and the LR/tau schedule stays put
+(see ``vssl_fast.step``). Skips are counted on the device and read at log points;
+``train.max_consecutive_skips`` in a row stop the run with an error.
 
 torch.compile (``train.compile=auto``): on CUDA at crop sizes <= 64 the model's forward is
 compiled ('default' mode); at 224 px and on the CPU it is not. This follows the H200 figures in
