@@ -406,7 +406,7 @@ def sample_noise(seed, shape, device) -> torch.Tensor:
 def cosine_kl_sample_reference(mu, var, mu_t, var_t, eps, *, beta: float = 3.0, abs_noise: bool = True):
     """Plain PyTorch (kl, z) given the noise ``eps``: ``losses.cosine_kl`` and ``losses.reparameterize``."""
     kl = losses.cosine_kl(mu, mu_t, var, var_t, beta=beta)
-    z = losses.reparameterize(mu, var, eps.to(mu.dtype) if mu.dtype == torch.float64 else eps, abs_noise=abs_noise)
+    z = losses.reparameterize(mu, var, eps.to(torch.promote_types(mu.dtype, eps.dtype)), abs_noise=abs_noise)
     return kl, z
 
 

@@ -84,21 +84,29 @@ def knn_classify(train_f, train_y, test_f, test_y, k: int, T: float, num_classes
     return 100.0 * c1 / n, 100.0 * c5 / n
 
 
-@torch.no_grad()
-def online_eval(model, loader, device, amp_dtype=None) -> dict:
-    """Top-1/top-5 (%) of the online classifier on the validation split."""
-    feats, labels = extract_features(model.backbone, loader, device, amp_dtype)
-    logits = model.classifier(feats.to(model.classifier.weight.dtype))
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict:
+    """{prefix}_top1 and {prefix}_top5 in percent."""
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     n = max(labels.shape[0], 1)
-    return {"online_top1": 100.0 * (top[:, 0] == labels).sum().item() / n,
-            "online_top5": 100.0 * (top == labels[:, None]).any(1).sum().item() / n}
+    return {f"{prefix}_top1": 100.0 * (top[:, 0] == labels).sum().item() / n,
+            f"{prefix}_top5": 100.0 * (top == labels[:, None]).any(1).sum().item() / n}
 
 
 @torch.no_grad()
-def knn_eval(backbone, bank_loader, val_loader, device, ks, ts, num_classes, chunk=1024, amp_dtype=None) -> dict:
+def online_eval(model, loader, device, amp_dtype=None, val_feats=None) -> dict:
+    """Top-1/top-5 (%) of the online classifier on the validation split.
+
+    ``val_feats``: (features, labels) already extracted from ``loader``, to avoid a second pass.
+    """
+    feats, labels = val_feats or extract_features(model.backbone, loader, device, amp_dtype)
+    return topk_accuracy(model.classifier(feats.to(model.classifier.weight.dtype)), labels, "online")
+
+
+@torch.no_grad()
+def knn_eval(backbone, bank_loader, val_loader, device, ks, ts, num_classes, chunk=1024, amp_dtype=None,
+             val_feats=None) -> dict:
     tf, ty = extract_features(backbone, bank_loader, device, amp_dtype)
-    vf, vy = extract_features(backbone, val_loader, device, amp_dtype)
+    vf, vy = val_feats or extract_features(backbone, val_loader, device, amp_dtype)
     out = {}
     for k, t in zip(ks, ts):
         top1, top5 = knn_classify(tf, ty, vf, vy, int(k), float(t), num_classes, chunk)
@@ -176,10 +184,7 @@ def linear_eval(backbone, train_batches, val_loader, num_classes, device, *, epo
         if (ep + 1) % max(1, epochs // 10) == 0:
             log(f"linear epoch {ep + 1}/{epochs} loss {loss.item():.4f}")
     feats, labels = extract_features(backbone, val_loader, device, amp_dtype)
-    top = head(feats).topk(min(5, num_classes), dim=1).indices
-    m = max(labels.shape[0], 1)
-    return {"linear_top1": 100.0 * (top[:, 0] == labels).sum().item() / m,
-            "linear_top5": 100.0 * (top == labels[:, None]).any(1).sum().item() / m}
+    return topk_accuracy(head(feats), labels, "linear")
 
 
 # ----------------------------------------------------------------------------- commands

@@ -81,34 +81,26 @@ class Monitor:
         except Exception:  # noqa: BLE001 - plots are optional
             return []
         rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
-        out = []
         train = [r for r in rows if r.get("kind") == "train"]
-        if train:
-            fig, ax = plt.subplots(figsize=(7, 4))
-            for key in ("loss", "kl", "ll", "byol", "ce"):
-                pts = [(r["step"], r[key]) for r in train if key in r]
-                if pts:
-                    ax.plot(*zip(*pts), label=key)
-            ax.set_xlabel("step")
-            ax.set_title("loss parts")
-            ax.legend()
-            p = self.run_dir / "loss.png"
-            fig.savefig(p, dpi=100, bbox_inches="tight")
-            plt.close(fig)
-            out.append(p)
         ev = [r for r in rows if r.get("kind") == "eval"]
-        if ev:
+        panels = [("loss.png", "loss parts", "step", None, train, ("loss", "kl", "ll", "byol", "ce"), {}),
+                  ("accuracy.png", "accuracy", "epoch", "top-1 (%)", ev,
+                   sorted({k for r in ev for k in r if k.endswith("top1")}), {"marker": "o"})]
+        out = []
+        for fname, title, xkey, ylabel, sel, keys, style in panels:
+            if not sel:
+                continue
             fig, ax = plt.subplots(figsize=(7, 4))
-            keys = sorted({k for r in ev for k in r if k.endswith("top1")})
             for key in keys:
-                pts = [(r["epoch"], r[key]) for r in ev if key in r]
-                ax.plot(*zip(*pts), marker="o", label=key)
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("top-1 (%)")
-            ax.set_title("accuracy")
+                pts = [(r[xkey], r[key]) for r in sel if key in r]
+                if pts:
+                    ax.plot(*zip(*pts), label=key, **style)
+            ax.set_xlabel(xkey)
+            if ylabel:
+                ax.set_ylabel(ylabel)
+            ax.set_title(title)
             ax.legend()
-            p = self.run_dir / "accuracy.png"
-            fig.savefig(p, dpi=100, bbox_inches="tight")
+            fig.savefig(self.run_dir / fname, dpi=100, bbox_inches="tight")
             plt.close(fig)
-            out.append(p)
+            out.append(self.run_dir / fname)
         return out

@@ -35,7 +35,7 @@ from vssl_fast import checkpoint as ckpt
 from vssl_fast.config import Config
 from vssl_fast.data import build_data
 from vssl_fast.distributed import cleanup, init_distributed
-from vssl_fast.evaluate import knn_eval, online_eval
+from vssl_fast.evaluate import extract_features, knn_eval, online_eval
 from vssl_fast.models import SSLModel
 from vssl_fast.monitor import Monitor, setup_logging
 from vssl_fast.optim import build_optimizer
@@ -191,11 +191,12 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, epoch: int, knn: bool) -> dict:
         res = {"kind": "eval", "epoch": epoch, "step": self.step}
-        res.update(online_eval(self.model, self.data.val, self.device, self.amp_dtype))
+        val = extract_features(self.model.backbone, self.data.val, self.device, self.amp_dtype)  # once for both
+        res.update(online_eval(self.model, self.data.val, self.device, self.amp_dtype, val_feats=val))
         if knn:
             e = self.cfg.eval
             res.update(knn_eval(self.model.backbone, self.data.bank, self.data.val, self.device, e.knn_k, e.knn_t,
-                                self.data.num_classes, e.knn_chunk, self.amp_dtype))
+                                self.data.num_classes, e.knn_chunk, self.amp_dtype, val_feats=val))
         self.monitor.record(res)
         self.history.append(res)
         self.log.info("eval epoch %d: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in res.items()

@@ -383,4 +383,6 @@ def build_folder_data(cfg, device, rank: int = 0, world: int = 1):
     ebs = max(cfg.train.batch_size, 128)
     val = FolderEvalLoader(val_dir, ebs, rank, world, device, workers)
     bank = FolderEvalLoader(train_dir, ebs, rank, world, device, workers)
-    return DataBundle(train, val, bank, len(SkippingImageFolder(train_dir, None).inner.classes), desc)
+    from torchvision.datasets.folder import find_classes
+
+    return DataBundle(train, val, bank, len(find_classes(str(train_dir))[0]), desc)  # class folders, no file walk
