@@ -1,9 +1,9 @@
-"""python -m vssl_fast.data {scan DIR | imagenet100 --src SRC --dst DST [--copy]}"""
+"""python -m vssl_fast.data {scan DIR | imagenet100 --src SRC --dst DST [--copy] [--expect-train N --expect-val N]}"""
 
 import argparse
 import sys
 
-from vssl_fast.data.tools import build_imagenet100, scan_tree
+from vssl_fast.data.tools import IN100_TRAIN_IMAGES, IN100_VAL_IMAGES, build_imagenet100, scan_tree
 
 
 def main(argv=None) -> int:
@@ -15,6 +15,10 @@ def main(argv=None) -> int:
     b.add_argument("--src", required=True)
     b.add_argument("--dst", required=True)
     b.add_argument("--copy", action="store_true", help="copy files instead of linking")
+    b.add_argument("--expect-train", type=int, default=IN100_TRAIN_IMAGES,
+                   help=f"image files expected in the 100 train classes (default {IN100_TRAIN_IMAGES}: full ImageNet)")
+    b.add_argument("--expect-val", type=int, default=IN100_VAL_IMAGES,
+                   help=f"image files expected in the 100 val classes (default {IN100_VAL_IMAGES})")
     a = ap.parse_args(argv)
     if a.cmd == "scan":
         bad = scan_tree(a.root)
@@ -23,11 +27,14 @@ def main(argv=None) -> int:
         print(f"{len(bad)} bad files under {a.root}", file=sys.stderr)
         return 1 if bad else 0
     try:
-        counts = build_imagenet100(a.src, a.dst, a.copy)
+        counts = build_imagenet100(a.src, a.dst, a.copy, a.expect_train, a.expect_val,
+                                   log=lambda m: print(m, file=sys.stderr))
     except (FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"ImageNet-100 at {a.dst}: {counts['train']:,} train and {counts['val']:,} val images in 100 classes")
+    nb = len(counts["bad"])
+    print(f"ImageNet-100 at {a.dst}: {counts['train']:,} train and {counts['val']:,} val images in 100 classes"
+          + (f"; {nb} bad files left out (listed above)" if nb else ""))
     return 0
 
 

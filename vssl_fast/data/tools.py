@@ -1,13 +1,21 @@
 """Dataset tools: ``scan`` a tree for bad image files, build the ImageNet-100 subset as links.
 
     python -m vssl_fast.data scan DIR                      # exit 1 and a list when bad files exist
-    python -m vssl_fast.data imagenet100 --src /data/imagenet --dst data/imagenet100 [--copy]
+    python -m vssl_fast.data imagenet100 --src /data/imagenet --dst data/imagenet100 [--copy] \
+        [--expect-train 126689 --expect-val 5000]
 
 The ImageNet-100 class list (``imagenet100_classes.txt``, 100 WordNet ids) is the CMC split that
 solo-learn uses. ``imagenet100`` expects ``SRC/train/<wnid>/*`` and ``SRC/val/<wnid>/*`` (the
-usual val-by-class layout), creates ``DST/{train,val}/<wnid>`` as folders of symbolic links (or
-copies) and checks the class count (100) and the image counts (126,689 train, 5,000 val),
-failing with a message that says what differs.
+usual val-by-class layout). Before writing anything it checks the 100 classes and the image
+counts (by default full ImageNet's: 126,689 train, 5,000 val; other sources pass their own
+``--expect-train/--expect-val``) and checks every file cheaply (``quick_check``); it then builds
+``DST/{train,val}/<wnid>`` as folders of symbolic links (or copies) in a temporary folder beside
+DST and renames it into place, so a failure leaves nothing half-built. Bad files are listed and
+left out of the subset.
+
+``quick_check`` (the size, the format header and the end-of-image marker, no decoding) is also
+what the image-folder loaders run once per tree before training (``vssl_fast.data.folder``);
+``scan`` decodes every file and so also finds damage in the middle of a file.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from pathlib import Path
 
 from vssl_fast.data.sources import IMAGE_EXTS
 
-__all__ = ["scan_tree", "imagenet100_classes", "build_imagenet100", "IN100_TRAIN_IMAGES", "IN100_VAL_IMAGES"]
+__all__ = ["scan_tree", "quick_check", "imagenet100_classes", "build_imagenet100", "IN100_TRAIN_IMAGES",
+           "IN100_VAL_IMAGES"]
 
 IN100_TRAIN_IMAGES = 126_689
 IN100_VAL_IMAGES = 5_000
@@ -55,6 +64,47 @@ def _problem(path: Path) -> str | None:
     return None
 
 
+_TAIL = 4096  # bytes read from a file's end to find its end marker (JPEG allows trailing padding after EOI)
+
+
+def quick_check(path: str | Path) -> tuple[str | None, tuple[int, int] | None]:
+    """(problem, None) for a bad file, (None, (height, width)) for a good one, without decoding.
+
+    Checks the size (empty), the header (PIL identifies the format and reads the image size: not an
+    image otherwise) and the end marker (JPEG's EOI in the last 4 KiB; PNG's IEND): a truncated
+    file fails. Entropy-coded JPEG data cannot contain 0xFFD9, so a truncated JPEG does not pass
+    by chance. Damage inside the data passes; ``scan`` (a full decode) finds that too.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        size = os.stat(path).st_size
+    except OSError as e:
+        return f"unreadable ({e.strerror})", None
+    if size == 0:
+        return "empty", None
+    try:
+        with open(path, "rb") as f:
+            try:
+                with Image.open(f) as im:  # parses the header only
+                    fmt, (w, h) = im.format, im.size
+            except UnidentifiedImageError:
+                return "not an image", None
+            except (OSError, SyntaxError, ValueError) as e:
+                return f"truncated or corrupt header ({e})", None
+            f.seek(max(0, size - _TAIL))
+            tail = f.read()
+    except OSError as e:
+        return f"unreadable ({e.strerror})", None
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        return "truncated (JPEG without end-of-image marker)", None
+    if fmt == "PNG" and b"IEND" not in tail:
+        return "truncated (PNG without IEND chunk)", None
+    if w < 1 or h < 1:
+        return f"empty image ({w}x{h})", None
+    return None, (h, w)
+
+
 def scan_tree(root: str | Path) -> list[tuple[str, str]]:
     """(path, problem) for every file under root that is empty, unreadable, truncated or not an image.
 
@@ -84,17 +134,22 @@ def imagenet100_classes() -> list[str]:
     return [w for w in text.split() if w]
 
 
-def _count(d: Path) -> int:
-    return sum(1 for p in d.iterdir() if p.is_file() or p.is_symlink())
-
-
 def build_imagenet100(src: str | Path, dst: str | Path, copy: bool = False, expect_train: int = IN100_TRAIN_IMAGES,
-                      expect_val: int = IN100_VAL_IMAGES) -> dict:
+                      expect_val: int = IN100_VAL_IMAGES, log=print) -> dict:
+    """Build DST/{train,val}/<wnid> from SRC; returns {"train": n, "val": n, "bad": [(path, problem), ...]}.
+
+    ``train``/``val`` count the images linked (bad files excluded). Every check (classes, counts
+    of image files against ``expect_*``, DST free) runs before anything is written; the tree is
+    built in ``.DST.partial`` and renamed to DST at the end, and removed on any failure.
+    """
     src, dst = Path(src), Path(dst)
     classes = imagenet100_classes()
     if len(classes) != 100:
         raise RuntimeError(f"the shipped class list has {len(classes)} classes, expected 100")
-    counts = {}
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise RuntimeError(f"imagenet100: {dst} already exists and is not empty; remove it or pick another --dst")
+    plan: dict[str, list[tuple[str, Path]]] = {}
+    bad: list[tuple[str, str]] = []
     for split, expect in (("train", expect_train), ("val", expect_val)):
         sdir = src / split
         if not sdir.is_dir():
@@ -103,25 +158,39 @@ def build_imagenet100(src: str | Path, dst: str | Path, copy: bool = False, expe
         if missing:
             raise FileNotFoundError(f"imagenet100: {len(missing)} of the 100 classes are missing under {sdir}, "
                                     f"e.g. {missing[:5]}")
-        n = 0
-        for c in classes:
-            out = dst / split / c
-            out.mkdir(parents=True, exist_ok=True)
-            for f in sorted((sdir / c).iterdir()):
-                target = out / f.name
-                if target.exists() or target.is_symlink():
-                    n += 1
-                    continue
+        files = [(c, f) for c in classes for f in sorted((sdir / c).iterdir())
+                 if not f.name.startswith(".") and f.name.lower().endswith(IMAGE_EXTS)]
+        if len(files) != expect:
+            raise RuntimeError(f"imagenet100: {sdir} holds {len(files):,} images in the 100 classes, expected {expect:,} "
+                               f"(full ImageNet-1k has {IN100_TRAIN_IMAGES:,} train / {IN100_VAL_IMAGES:,} val; for "
+                               f"another source pass --expect-{split} {len(files)})")
+        keep = []
+        for c, f in files:
+            why, _ = quick_check(f)
+            if why:
+                bad.append((str(f), why))
+            else:
+                keep.append((c, f))
+        plan[split] = keep
+    for path, why in bad:
+        log(f"bad file, left out: {path} ({why})")
+    tmp = dst.with_name(f".{dst.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # the leftover of an earlier build that was killed
+    try:
+        for split, keep in plan.items():
+            for c in classes:
+                (tmp / split / c).mkdir(parents=True, exist_ok=True)
+            for c, f in keep:
+                target = tmp / split / c / f.name
                 if copy:
                     shutil.copy2(f, target)
                 else:
                     target.symlink_to(f.resolve())
-                n += 1
-        got_classes = sum(1 for p in (dst / split).iterdir() if p.is_dir())
-        if got_classes != 100:
-            raise RuntimeError(f"imagenet100: {dst / split} has {got_classes} class folders, expected 100")
-        if n != expect:
-            raise RuntimeError(f"imagenet100: {split} has {n} images, expected {expect:,} "
-                               f"(is {src} the full ImageNet-1k {split} split?)")
-        counts[split] = n
-    return counts
+        if dst.exists():
+            dst.rmdir()  # empty (checked above)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"train": len(plan["train"]), "val": len(plan["val"]), "bad": bad}
