@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ class DataConfig:
     crop_size: int = 32
     train_subset: int = 0  # >0: use only the first N training images (smoke runs)
     val_subset: int = 0
-    workers: int = 0  # torchvision path only: DataLoader worker processes (0 = one per core)
+    workers: int = 0  # image folders: DataLoader workers / DALI reader processes / evaluation workers (0 = auto:
+    # one per core for the torchvision path, min(4, cores) for DALI on a GPU (none on a CPU) and for evaluation)
+    max_bad_fraction: float = 0.01  # image folders: a run fails when more than this share of a split's files is bad
     loader: str = "auto"  # auto | gpu (device-resident CIFAR) | dali | torchvision
 
 
@@ -151,6 +154,10 @@ class Config:
         if not 0 <= self.optim.tau_base <= self.optim.tau_final <= 1:
             raise ConfigError(f"optim.tau_base/tau_final: need 0 <= tau_base <= tau_final <= 1, got "
                               f"{self.optim.tau_base}, {self.optim.tau_final}")
+        if not 0.0 <= self.data.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.data.max_bad_fraction}")
+        if self.data.path != "auto":  # absolute, so checkpoints and config.json work from any directory
+            self.data.path = os.path.abspath(os.path.expanduser(self.data.path))
         if len(self.eval.knn_k) != len(self.eval.knn_t):
             raise ConfigError(f"eval.knn_k and eval.knn_t must pair up, got {self.eval.knn_k} and {self.eval.knn_t}")
         return self

@@ -222,7 +222,12 @@ def main(argv=None) -> int:
     cfg, bb = _load_backbone(args.ckpt, rest)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bb = bb.to(device)
-    data = build_data(cfg, device)
+    try:
+        data = build_data(cfg, device)  # a DALI training pipeline is never built here (built on a first batch)
+    except FileNotFoundError as e:  # e.g. the data moved since training: one line, exit 4 (data), as train.py
+        print(f"error: {str(e).splitlines()[0]} (the checkpoint's data.path is {cfg.data.path!r}; pass "
+              "--data.path=DIR to read the data elsewhere)", file=sys.stderr)
+        return 4
     if args.command == "knn":
         ks = [int(x) for x in args.k.split(",")]
         ts = [float(x) for x in args.t.split(",")]
@@ -235,8 +240,10 @@ def main(argv=None) -> int:
         else:  # ImageNet-100 and other folders: §3.6 as written
             from pathlib import Path
 
+            from vssl_fast.data.folder import default_workers  # data.workers, else min(4, cores)
+
             batches = folder_linear_batches(Path(cfg.data.path) / "train", bs, cfg.data.crop_size,
-                                            cfg.data.workers or 4, cfg.train.seed, device)
+                                            default_workers(cfg.data.workers, cap=4), cfg.train.seed, device)
         amp = torch.bfloat16 if device.type == "cuda" else None
         res = linear_eval(bb, batches, data.val, data.num_classes, device, epochs=args.epochs, batch_size=bs, amp_dtype=amp)
     print(json.dumps(res, indent=2))

@@ -199,7 +199,7 @@ class Trainer:
                                 self.data.num_classes, e.knn_chunk, self.amp_dtype, val_feats=val))
         self.monitor.record(res)
         self.history.append(res)
-        self.log.info("eval epoch %d: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in res.items()
+        self.log.info("eval epoch %g: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in res.items()
                                                            if isinstance(v, float)))
         return res
 
@@ -250,7 +250,8 @@ class Trainer:
             self.save()
         self.monitor.end_bar()
         if last_eval is None or last_eval.get("step") != self.step or not any(k.startswith("knn") for k in last_eval):
-            last_eval = self.evaluate(-(-self.step // self.steps_per_epoch), True)
+            ep = self.step / self.steps_per_epoch  # the epochs trained: 0.08 for a run that stops 8% into epoch 1
+            last_eval = self.evaluate(int(ep) if ep == int(ep) else round(ep, 3), True)
         if self.step % cfg.ckpt.every_steps != 0:
             self.save()
         return self._finish(last_eval, time.time() - t_start)
@@ -262,7 +263,8 @@ class Trainer:
         dt = max(time.time() - t_log, 1e-9)
         row = {"kind": "train", "step": self.step, "epoch": epoch, **vals, "lr": self.opt.param_groups[0]["lr"],
                "tau": float(self.stepper.tau), "img_per_s": n * views_per_step / 2 / dt, "views_per_s": n * views_per_step / dt,
-               "data_wait": wait / dt, "step_time_ms": 1e3 * dt / max(n, 1), "skipped": skipped}
+               "data_wait": wait / dt, "step_time_ms": 1e3 * dt / max(n, 1), "skipped": skipped,
+               "bad_files": len(getattr(self.data, "bad_files", ()))}  # this rank's: image folders only
         if self.device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         remaining = (self.total_steps - self.step) * dt / max(n, 1)
@@ -289,6 +291,8 @@ class Trainer:
             "online_top5": last_eval.get("online_top5"), "knn_top1": last_eval.get(k0),
             **{k: v for k, v in last_eval.items() if k.startswith("knn_")},
             "wall_time_s": wall, "skipped_steps": int(self.stepper.skipped), "world_size": self.dist.world,
+            "bad_files": (self.data.bad_files.global_count(self.dist.vote_group)  # every rank calls it: a collective
+                          if getattr(self.data, "bad_files", None) is not None else 0),
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "torch": torch.__version__, "compile": self.compile_mode,
         }

@@ -1,8 +1,9 @@
 """Device-resident two-view loader for array datasets (CIFAR): the whole uint8 set lives on the device.
 
-Order and sharding: each epoch one permutation of the training set from (seed, epoch), the same
-on every rank; the global batch ``world * batch_size`` is cut into per-rank slices (drop-last),
-so ranks read disjoint shards. Augmentations draw from a generator seeded by
+Order and sharding (``epoch_indices``, shared with the image-folder loaders): each epoch one
+permutation of the training set from (seed, epoch), the same on every rank; the global batch
+``world * batch_size`` is cut into per-rank slices (drop-last), so ranks read disjoint shards and
+every rank has exactly ``steps_per_epoch`` batches in every epoch. Augmentations draw from a generator seeded by
 (seed, rank, epoch, step): batches are deterministic, differ across ranks, and a run resumed
 mid-epoch from ``state_dict()`` (epoch, step) produces exactly the batches it would have.
 """
@@ -13,7 +14,7 @@ import torch
 
 from vssl_fast.data.augment import ViewSpec, augment, normalize
 
-__all__ = ["DeviceTwoViewLoader", "DeviceEvalLoader", "batch_seed"]
+__all__ = ["DeviceTwoViewLoader", "DeviceEvalLoader", "batch_seed", "epoch_indices"]
 
 
 def batch_seed(seed: int, rank: int, epoch: int, step: int) -> int:
@@ -24,6 +25,21 @@ def batch_seed(seed: int, rank: int, epoch: int, step: int) -> int:
     x = (x * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
     x ^= x >> 29
     return x & ((1 << 63) - 1)
+
+
+def epoch_indices(n: int, seed: int, epoch: int, steps: int, world: int, batch_size: int, rank: int) -> torch.Tensor:
+    """This rank's sample indices for one epoch, [steps, batch_size] (int64, CPU).
+
+    One permutation of ``range(n)`` per (seed, epoch), the same on every rank; its first
+    ``steps * world * batch_size`` entries are cut into global batches and each global batch into
+    ``world`` slices. A pure function of its arguments, so any (epoch, step) can be resumed directly.
+    """
+    g = torch.Generator().manual_seed(batch_seed(seed, 0, epoch, -1))
+    perm = torch.randperm(n, generator=g)
+    usable = steps * world * batch_size
+    if usable > n:
+        raise ValueError(f"{steps} steps of {world} x {batch_size} need {usable} samples, have {n}")
+    return perm[:usable].view(steps, world, batch_size)[:, rank].contiguous()
 
 
 class DeviceTwoViewLoader:
@@ -56,11 +72,8 @@ class DeviceTwoViewLoader:
 
     def _indices(self, epoch: int) -> torch.Tensor:
         if self._perm_epoch != epoch:
-            g = torch.Generator().manual_seed(batch_seed(self.seed, 0, epoch, -1))
-            perm = torch.randperm(self.images.shape[0], generator=g)
-            usable = self.steps_per_epoch * self.world * self.batch_size
-            self._perm = perm[:usable].view(self.steps_per_epoch, self.world, self.batch_size)[:, self.rank].contiguous()
-            self._perm = self._perm.to(self.images.device)
+            self._perm = epoch_indices(self.images.shape[0], self.seed, epoch, self.steps_per_epoch, self.world,
+                                       self.batch_size, self.rank).to(self.images.device)
             self._perm_epoch = epoch
         return self._perm
 
