@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     backbone: str = "resnet18"  # resnet18 | resnet50
     cifar_stem: bool = True  # METHOD.md §1.1: 3x3/1 conv1 with padding 2, no maxpool
-    sync_batchnorm: bool = False  # SyncBatchNorm across ranks (the solo-learn recipe sets it; matters with >1 GPU)
+    sync_batchnorm: str = "auto"  # auto (SyncBatchNorm when world > 1, as solo-learn's recipe) | true | false
     channels_last: bool = True  # on GPU only
 
 
@@ -158,6 +158,11 @@ class Config:
             raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.data.max_bad_fraction}")
         if self.data.path != "auto":  # absolute, so checkpoints and config.json work from any directory
             self.data.path = os.path.abspath(os.path.expanduser(self.data.path))
+        sbn = {True: "true", False: "false"}.get(self.model.sync_batchnorm, str(self.model.sync_batchnorm).lower())
+        if sbn not in ("auto", "true", "false"):  # bools from configs saved before 'auto' existed are accepted
+            raise ConfigError(f"model.sync_batchnorm: invalid value {self.model.sync_batchnorm!r}; "
+                              "choose one of ['auto', 'true', 'false']")
+        self.model.sync_batchnorm = sbn
         if len(self.eval.knn_k) != len(self.eval.knn_t):
             raise ConfigError(f"eval.knn_k and eval.knn_t must pair up, got {self.eval.knn_k} and {self.eval.knn_t}")
         return self

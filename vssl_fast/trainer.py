@@ -40,6 +40,7 @@ from vssl_fast.models import SSLModel
 from vssl_fast.monitor import Monitor, setup_logging
 from vssl_fast.optim import build_optimizer
 from vssl_fast.step import TrainStep
+from vssl_fast.syncbn import convert_sync_batchnorm, use_sync_batchnorm
 
 __all__ = ["Trainer", "NonFiniteError", "EXIT_PREEMPTED", "resolve_compile_mode"]
 
@@ -84,8 +85,11 @@ class Trainer:
         self.log.info("data: %s", self.data.describe)
         model = SSLModel(**cfg.method.model_kwargs(), backbone=cfg.model.backbone, cifar_stem=cfg.model.cifar_stem,
                          num_classes=self.data.num_classes)
-        if cfg.model.sync_batchnorm and self.dist.enabled:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        sync_bn = use_sync_batchnorm(cfg.model.sync_batchnorm, self.dist.world)
+        if sync_bn:
+            model = convert_sync_batchnorm(model, self.device)
+        self.log.info("BatchNorm: %s (model.sync_batchnorm=%s, world %d)", "SyncBatchNorm over all ranks" if sync_bn
+                      else "per-process statistics", cfg.model.sync_batchnorm, self.dist.world)
         model = model.to(self.device)
         if cuda and cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)

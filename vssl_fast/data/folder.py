@@ -89,7 +89,13 @@ def default_workers(configured: int, cap: int = 0) -> int:
 
 
 # ----------------------------------------------------------------------------- bad files
-class BadDataError(RuntimeError):
+try:  # the exit-code policy of train.py (issue 17): a data failure prints its one line and exits 4
+    from vssl_fast.faults import DataError as _DataFailure
+except ImportError:  # a tree without vssl_fast.faults: a plain RuntimeError (DataError is one too)
+    _DataFailure = RuntimeError
+
+
+class BadDataError(_DataFailure):
     """Too many bad image files, or a file DALI could not decode; the message names the folder and ``scan``."""
 
 
@@ -118,6 +124,7 @@ class BadFiles:
         return sum(1 for s, _ in self.files.values() if split is None or s == split)
 
     def add(self, split: str, path: str, why: str, shared: bool = False) -> None:
+        """Count and log a bad file; ``shared``: found by the validation (which judges the share once at its end)."""
         path = str(path)
         if path in self.files:
             return
@@ -126,7 +133,8 @@ class BadFiles:
             self.shared.add(path)
         if not shared or self.rank == 0:
             log.warning("bad image file, skipped: %s (%s)", path, why)
-        self.check(split)
+        if not shared:
+            self.check(split)
 
     def check(self, split: str) -> None:
         if split not in self.splits:
@@ -207,7 +215,7 @@ def validate_folder(root, cache_dir: str | None = "~/.cache/vssl_fast", bad: Bad
 
     from vssl_fast.data.tools import quick_check
 
-    root = Path(root).expanduser().resolve()
+    root = Path(root).expanduser().absolute()  # not resolved: paths as ImageFolder(root) spells them (_KNOWN_BAD)
     classes, files, key = _list_tree(root)
     memo = (str(root), key)
     res = _VALIDATED.get(memo)
