@@ -10,28 +10,30 @@ Several processes on one machine (gloo on CPU, NCCL on GPUs):
 Several nodes (run on every node; NODE_RANK 0..N-1, MASTER = the first node's address):
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \
         --rdzv_endpoint=$MASTER:29500 --rdzv_id=vssl train.py --preset imagenet100
-Resume after an interruption: add --resume auto (the newest complete checkpoint in the run dir).
+Resume after an interruption: add --resume auto (the newest good checkpoint in the run dir); a run
+dir that holds a run is only ever continued, with --resume.
 Overrides: --section.key=value (see vssl_fast/config.py); unknown keys are errors.
+Failures end with one line and an exit code (README, "Exit codes"); --debug or VSSL_DEBUG=1 adds tracebacks.
 """
 
 import sys
 
-from vssl_fast.config import ConfigError, load_config
+from vssl_fast import faults
+from vssl_fast.config import load_config
 from vssl_fast.trainer import Trainer
 
 
-def main(argv: list[str]) -> int:
-    try:
-        cfg = load_config(argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+def train(argv: list[str]) -> None:
+    cfg = load_config(argv)
     trainer = Trainer(cfg)
     try:
         trainer.fit()
     finally:
         trainer.close()
-    return 0
+
+
+def main(argv: list[str]) -> int:
+    return faults.run(train, argv)  # known failures -> one line and their exit code
 
 
 if __name__ == "__main__":

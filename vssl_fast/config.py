@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -126,6 +127,7 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     def validate(self) -> Config:
+        _check_finite(self)
         self.method.validate()
         checks = [
             ("model.backbone", self.model.backbone, ("resnet18", "resnet50")),
@@ -143,10 +145,16 @@ class Config:
         positive = [("train.batch_size", self.train.batch_size), ("train.epochs", self.train.epochs),
                     ("data.crop_size", self.data.crop_size), ("ckpt.keep", self.ckpt.keep),
                     ("log.every_steps", self.log.every_steps), ("ckpt.every_steps", self.ckpt.every_steps),
-                    ("dist.timeout_s", self.dist.timeout_s)]
+                    ("dist.timeout_s", self.dist.timeout_s),
+                    ("train.max_consecutive_skips", self.train.max_consecutive_skips)]
         for key, val in positive:
             if val < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {val}")
+        counts = [("train.max_steps", self.train.max_steps), ("data.train_subset", self.data.train_subset),
+                  ("data.val_subset", self.data.val_subset), ("data.workers", self.data.workers)]
+        for key, val in counts:
+            if val < 0:
+                raise ConfigError(f"{key}: must be >= 0 (0 = no limit, or the default), got {val}")
         if self.ckpt.keep < 2:
             raise ConfigError(f"ckpt.keep: keep at least 2 checkpoints, got {self.ckpt.keep}")
         if self.optim.lr < 0 or self.optim.classifier_lr < 0:
@@ -166,6 +174,18 @@ class Config:
         if len(self.eval.knn_k) != len(self.eval.knn_t):
             raise ConfigError(f"eval.knn_k and eval.knn_t must pair up, got {self.eval.knn_k} and {self.eval.knn_t}")
         return self
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every float setting, and every number in a tuple setting, must be finite (optim.lr=nan names the key)."""
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))):
+                raise ConfigError(f"{sec.name}.{f.name}: must be a finite number, got {v!r}")
 
 
 # ----------------------------------------------------------------------------- presets

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from vssl_fast import faults
+
 __all__ = ["knn_classify", "extract_features", "online_eval", "linear_eval", "main"]
 
 
@@ -54,11 +56,14 @@ def extract_features(backbone, loader, device, amp_dtype=None):
     backbone.eval()
     feats, labels = [], []
     for x, y in loader:
+        if faults.stop_requested():
+            break  # SIGTERM/SIGUSR1: stop within a batch; the ranks agree just below
         with _autocast(device, amp_dtype):
             f = backbone(x.to(device, non_blocking=True))
         feats.append(f.float())
         labels.append(y.to(device))
     backbone.train(was)
+    faults.raise_if_stop_agreed()  # before the gathers, on every rank alike: StopRequested
     f = torch.cat(feats) if feats else torch.empty(0, device=device)
     y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device)
     return gather_cat(f), gather_cat(y)
@@ -72,6 +77,8 @@ def knn_classify(train_f, train_y, test_f, test_y, k: int, T: float, num_classes
     k = min(k, train_f.shape[0])
     c1 = c5 = 0
     for s in range(0, test_f.shape[0], chunk):
+        if faults.stop_requested():
+            break
         q, y = test_f[s:s + chunk], test_y[s:s + chunk]
         sim, idx = (q @ train_f.T).topk(k, dim=1)
         w = (sim / T).exp()
@@ -80,6 +87,7 @@ def knn_classify(train_f, train_y, test_f, test_y, k: int, T: float, num_classes
         pred = votes.topk(min(5, num_classes), dim=1).indices
         c1 += (pred[:, 0] == y).sum().item()
         c5 += (pred == y[:, None]).any(1).sum().item()
+    faults.raise_if_stop_agreed()
     n = max(test_f.shape[0], 1)
     return 100.0 * c1 / n, 100.0 * c5 / n
 

@@ -1,30 +1,54 @@
-"""Watching a run: log lines, a progress bar, metrics.jsonl, TensorBoard when installed, PNG plots."""
+"""Watching a run: log lines, a progress bar, metrics.jsonl, TensorBoard when installed, PNG plots.
+
+Nothing is written into the run dir before the start is accepted (``vssl_fast.rundir``): log lines
+wait in memory until ``attach_log_file``, and TensorBoard's writer opens with the first record.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["Monitor", "setup_logging"]
+from vssl_fast.faults import WriteError
+
+__all__ = ["Monitor", "setup_logging", "attach_log_file"]
+_FMT = "%(asctime)s [rank {rank}] %(message)s"
 
 
-def setup_logging(rank: int, run_dir: Path | None) -> logging.Logger:
+def setup_logging(rank: int, run_dir: Path | None = None) -> logging.Logger:
+    """Log to stdout; to ``run_dir/train.log`` on rank 0 now, or (run_dir None) once ``attach_log_file`` is called."""
     log = logging.getLogger("vssl_fast")
     log.handlers.clear()
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S")
+    fmt = logging.Formatter(_FMT.format(rank=rank), "%H:%M:%S")
     h = logging.StreamHandler(sys.stdout)
     h.setFormatter(fmt)
     log.addHandler(h)
-    if run_dir is not None and rank == 0:
-        fh = logging.FileHandler(run_dir / "train.log")
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
+    if rank == 0:  # the lines before the run dir is accepted wait here for train.log
+        log.addHandler(logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1))
     log.propagate = False
+    if run_dir is not None:
+        attach_log_file(log, run_dir, rank)
     return log
+
+
+def attach_log_file(log: logging.Logger, run_dir: Path, rank: int = 0) -> None:
+    """Append the log to ``run_dir/train.log`` (rank 0), starting with the lines logged so far."""
+    mem = [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]
+    if rank != 0:
+        return
+    fh = logging.FileHandler(Path(run_dir) / "train.log")
+    fh.setFormatter(logging.Formatter(_FMT.format(rank=rank), "%H:%M:%S"))
+    for m in mem:
+        m.setTarget(fh)
+        m.flush()
+        log.removeHandler(m)
+        m.close()
+    log.addHandler(fh)
 
 
 class Monitor:
@@ -32,21 +56,29 @@ class Monitor:
         self.run_dir, self.enabled = run_dir, enabled
         self.progress = progress and enabled and sys.stdout.isatty()
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except Exception:  # noqa: BLE001 - TensorBoard is optional
-                self.tb = None
+        self.tb, self._tb_wanted = None, enabled and tensorboard
         self.t0 = time.time()
+
+    def _open_tb(self):
+        self._tb_wanted = False
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        except Exception:  # noqa: BLE001 - TensorBoard is optional
+            self.tb = None
 
     def record(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise WriteError(f"could not append to {self.metrics_path}: {e.strerror or e}; free space or fix "
+                             "permissions, then --resume auto") from e
+        if self._tb_wanted:
+            self._open_tb()
         if self.tb is not None:
             step = row.get("step", 0)
             for k, v in row.items():

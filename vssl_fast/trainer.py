@@ -13,10 +13,14 @@ compiled ('default' mode); at 224 px and on the CPU it is not. This follows the 
 issue 6/7 (32 px, batch 256: 27,636 views/s compiled vs 18,740 eager; 224 px: no gain) measured
 with the plain step; it is still to be re-measured with the fused step (bench/RESULTS.md).
 
-Faults: SIGTERM / SIGUSR1 set a flag; at the next step boundary the ranks vote (a CPU
-collective), all save a checkpoint and exit with code 143. Checkpoints are atomic (see
-``vssl_fast.checkpoint``); ``--resume auto`` continues bit-exactly (model, teacher, optimizer,
-schedules, counters, loader position and every RNG).
+Faults (``vssl_fast.faults``): SIGTERM / SIGUSR1 set a flag; at the next step boundary, after a
+checkpoint write, or within one batch of an evaluation, the ranks vote (a CPU collective), all save
+a checkpoint (an interrupted evaluation is marked pending and rerun on resume) and exit with code
+143. Checkpoints are atomic (see ``vssl_fast.checkpoint``); ``--resume auto`` continues bit-exactly
+(model, teacher, optimizer, schedules, counters, loader position and every RNG) from the newest
+checkpoint that loads with finite values, with this run's optimizer hyperparameters. Nothing is
+written into the run dir before the start is accepted, and a run dir holding another run is only
+continued with ``--resume`` (``vssl_fast.rundir``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from vssl_fast import checkpoint as ckpt
+from vssl_fast import faults, rundir
 from vssl_fast.config import Config
 from vssl_fast.data import build_data
 from vssl_fast.distributed import cleanup, init_distributed
@@ -44,11 +49,8 @@ from vssl_fast.syncbn import convert_sync_batchnorm, use_sync_batchnorm
 
 __all__ = ["Trainer", "NonFiniteError", "EXIT_PREEMPTED", "resolve_compile_mode"]
 
-EXIT_PREEMPTED = 143
-
-
-class NonFiniteError(RuntimeError):
-    pass
+EXIT_PREEMPTED = faults.Preempted.exit_code
+NonFiniteError = faults.NonFiniteError
 
 
 def resolve_compile_mode(mode: str, device: torch.device, crop_size: int) -> str:
@@ -64,14 +66,9 @@ class Trainer:
         self.dist = init_distributed(cfg.dist.timeout_s)
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.dist.barrier()
-        self.log = setup_logging(self.dist.rank, self.run_dir)
+        self.log = setup_logging(self.dist.rank)  # train.log opens once the start is accepted (fit)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if self.dist.is_main:
-            (self.run_dir / "config.json").write_text(cfg.to_json())
-            self.log.info("resolved config:\n%s", cfg.to_json())
+        rundir.refuse_foreign(self.run_dir, cfg.resume, self.dist)  # before anything is written
 
         cuda = self.device.type == "cuda"
         prec = cfg.train.precision
@@ -81,7 +78,8 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         random.seed(cfg.train.seed)
-        self.data = build_data(cfg, self.device, self.dist.rank, self.dist.world)
+        with faults.reading_data(cfg.data):  # not found / unreadable: one line naming data.path
+            self.data = build_data(cfg, self.device, self.dist.rank, self.dist.world)
         self.log.info("data: %s", self.data.describe)
         model = SSLModel(**cfg.method.model_kwargs(), backbone=cfg.model.backbone, cifar_stem=cfg.model.cifar_stem,
                          num_classes=self.data.num_classes)
@@ -113,19 +111,29 @@ class Trainer:
                                  self.scaler, self.dist.enabled, cfg.train.seed, self.dist.rank)
         self.history: list[dict] = []
         self.monitor = Monitor(self.run_dir, self.dist.is_main, cfg.log.tensorboard, cfg.log.progress)
-        self._stop = False
+        self._saved_step = None  # the step of the newest checkpoint this process wrote
+        self._pending_eval = None  # [epoch, knn] of an evaluation a stop interrupted: saved, rerun on resume
         self.log.info("model: %s %s (%d student params), %s optimizer (%s), precision %s, compile %s, world %d",
                       cfg.method.method, cfg.model.backbone,
                       sum(p.numel() for g in self.opt.param_groups for p in g["params"]),
                       cfg.optim.name, type(self.opt).__name__, self.amp_dtype or "fp32", mode, self.dist.world)
 
     # ------------------------------------------------------------------ signals
-    def _on_signal(self, signum, frame):
-        self._stop = True
-
     def _install_signals(self):
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, self._on_signal)
+        faults.install_stop_signals(vote=self.dist.any_true)  # a flag, read at step boundaries and in evaluation
+
+    def _stop_if_requested(self) -> None:
+        """SIGTERM/SIGUSR1 on any rank: all ranks agree, save and raise Preempted (exit 143)."""
+        if faults.stop_agreed():
+            self._preempt()
+
+    def _preempt(self):
+        self.log.warning("stop requested (SIGTERM/SIGUSR1): saving at step %d and exiting", self.step)
+        if self._saved_step != self.step or self._pending_eval:
+            self.save()
+        self.monitor.close()
+        raise faults.Preempted(f"stopped by SIGTERM/SIGUSR1 at step {self.step} with a checkpoint in {self.ckpt_dir}; "
+                               "resume with --resume auto")
 
     # ------------------------------------------------------------------ checkpoints
     def _rng_state(self) -> dict:
@@ -152,36 +160,44 @@ class Trainer:
                 "config": self.cfg.to_dict(), "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None, "loader": self.data.train.state_dict(),
                 "epoch": self.data.train.epoch, "stepper": self.stepper.state_dict(), "rng": rngs,
-                "history": json.dumps(self.history),
+                "history": json.dumps(self.history), "pending_eval": self._pending_eval,
             }
             path = ckpt.save_checkpoint(state, self.ckpt_dir, self.step, self.cfg.ckpt.keep)
             self.log.info("checkpoint %s", path)
         self.dist.barrier()
+        self._saved_step = self.step
         return path
 
     def resume(self) -> None:
         r = self.cfg.resume
         if r == "none":
             return
-        path = ckpt.find_latest(self.ckpt_dir) if r == "auto" else Path(r)
+        # auto: the newest checkpoint that loads with all values finite (each one skipped is named); a path: that one
+        path, state = ckpt.select_for_resume(self.ckpt_dir, r, self.device, self.log)
         if path is None:
             self.log.info("resume auto: no complete checkpoint in %s, starting fresh", self.ckpt_dir)
             return
-        state = ckpt.load_checkpoint(path, map_location=self.device)
         ckpt.check_compatible(state["config"], self.cfg.to_dict(), path)
-        self.model.load_state_dict(state["model"], strict=True)
-        self.opt.load_state_dict(state["optimizer"])
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.data.train.load_state_dict(state["loader"])
-        self.stepper.load_state_dict(state["stepper"])
-        self.history = json.loads(state["history"])
         rngs = state["rng"]
         if len(rngs) != self.dist.world:
             raise ckpt.CheckpointError(f"checkpoint {path} holds RNG states of {len(rngs)} ranks; this run has {self.dist.world}")
+        try:
+            self.model.load_state_dict(state["model"], strict=True)
+            changed = ckpt.load_optimizer_state_(self.opt, state["optimizer"])  # hyperparameters: this run's config
+            if self.scaler and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.data.train.load_state_dict(state["loader"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this run: {faults.one_line(e)}") from e
+        self.stepper.load_state_dict(state["stepper"])
+        self.history = json.loads(state["history"])
+        self._pending_eval = state.get("pending_eval")
         self._set_rng_state(rngs[self.dist.rank])
         self.log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.data.train.epoch,
                       self.data.train.step)
+        if changed:
+            self.log.warning("resume: the optimizer follows this run's config; changed since the checkpoint: %s",
+                             "; ".join(changed))
 
     # ------------------------------------------------------------------ the step
     @property
@@ -207,17 +223,32 @@ class Trainer:
                                                            if isinstance(v, float)))
         return res
 
+    def _evaluate_or_stop(self, epoch: int, knn: bool) -> dict:
+        """evaluate(); a stop signal during it saves with the evaluation marked pending (rerun on resume), exit 143."""
+        self._pending_eval = [epoch, knn]
+        try:
+            res = self.evaluate(epoch, knn)
+        except faults.StopRequested:
+            self._preempt()
+        self._pending_eval = None
+        return res
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         cfg = self.cfg
         self._install_signals()
         self.resume()
+        if self.dist.is_main:  # the start is accepted: from here on the run dir is this run's (vssl_fast.rundir)
+            rundir.accept(self.run_dir, cfg, self.step, self.log)
+        self.dist.barrier()
         loader = self.data.train
         t_start = time.time()
         t_log, n_log, wait_log = time.time(), 0, 0.0
         views_per_step = 2 * cfg.train.batch_size * self.dist.world
         fault = int(os.environ.get("VSSL_FAULT_AT_STEP", "0"))  # test hook: SIGKILL self after this step
-        last_eval = None
+        last_eval = self.history[-1] if self.history else None
+        if self._pending_eval:  # the evaluation a stop signal interrupted before the checkpoint
+            last_eval = self._evaluate_or_stop(*self._pending_eval)
         while self.step < self.total_steps:
             epoch = loader.epoch
             it = iter(loader)
@@ -237,12 +268,7 @@ class Trainer:
                     t_log, n_log, wait_log = time.time(), 0, 0.0
                 if self.step % cfg.ckpt.every_steps == 0:
                     self.save()
-                if self.dist.any_true(self._stop):
-                    self.log.warning("stop requested (SIGTERM/SIGUSR1): saving at step %d and exiting", self.step)
-                    self.save()
-                    self.monitor.close()
-                    cleanup()
-                    raise SystemExit(EXIT_PREEMPTED)
+                self._stop_if_requested()
             else:
                 break  # total_steps reached mid-epoch
             # an epoch ended
@@ -250,14 +276,16 @@ class Trainer:
             self.monitor.end_bar()
             knn_due = cfg.eval.knn_every_epochs and ep_done % cfg.eval.knn_every_epochs == 0
             if ep_done % cfg.eval.online_every_epochs == 0 or knn_due:
-                last_eval = self.evaluate(ep_done, bool(knn_due))
+                last_eval = self._evaluate_or_stop(ep_done, bool(knn_due))
             self.save()
+            self._stop_if_requested()
         self.monitor.end_bar()
         if last_eval is None or last_eval.get("step") != self.step or not any(k.startswith("knn") for k in last_eval):
             ep = self.step / self.steps_per_epoch  # the epochs trained: 0.08 for a run that stops 8% into epoch 1
-            last_eval = self.evaluate(int(ep) if ep == int(ep) else round(ep, 3), True)
+            last_eval = self._evaluate_or_stop(int(ep) if ep == int(ep) else round(ep, 3), True)
         if self.step % cfg.ckpt.every_steps != 0:
             self.save()
+        self._stop_if_requested()
         return self._finish(last_eval, time.time() - t_start)
 
     def _log_step(self, parts, epoch, t_log, n, wait, views_per_step, t_start):
@@ -283,8 +311,10 @@ class Trainer:
                + f" eta {remaining / 60:.1f}min" + (f" skipped {skipped}" if skipped else ""))
         self.monitor.bar(self.step, self.total_steps, msg) if self.monitor.progress else self.log.info(msg)
         if consec >= cfg.train.max_consecutive_skips:
+            where = ckpt.nonfinite_advice(self.ckpt_dir, cfg.optim.lr) if self.dist.is_main else "see rank 0's message"
             raise NonFiniteError(f"{consec} consecutive steps had a non-finite loss or gradient (last at step "
-                                 f"{self.step}); stopping. Lower the learning rate or check the data.")
+                                 f"{self.step}, train.max_consecutive_skips={cfg.train.max_consecutive_skips}); "
+                                 f"stopping. Lower the learning rate or check the data: {where}")
 
     def _finish(self, last_eval: dict, wall: float) -> dict:
         cfg = self.cfg
@@ -318,4 +348,5 @@ class Trainer:
         return results
 
     def close(self):
+        faults.restore_signals()
         cleanup()

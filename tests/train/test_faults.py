@@ -1,0 +1,341 @@
+"""Faults (issue 17): run-dir ownership, checkpoints that are bad, known failures as one line and an exit
+code, SIGTERM in every phase, leftovers and metrics after resumes, nonsensical config values.
+
+The trainer runs in this process (``train.main``) at a tiny size (16 px crops, 4 images a batch, 4 steps an
+epoch), so a run costs a few seconds; signals are real (``os.kill`` of this process from inside a phase).
+"""
+
+import datetime
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers_train import REPO, tiny_args
+
+from vssl_fast import checkpoint as ckpt
+from vssl_fast import faults
+from vssl_fast.config import ConfigError, load_config
+from vssl_fast.data.loader import DeviceEvalLoader
+from vssl_fast.optim import warmup_cosine
+
+sys.path.insert(0, str(REPO))
+import train  # noqa: E402
+
+TINY = dict(data__crop_size=16, train__batch_size=4, data__train_subset=16, data__val_subset=4,
+            eval__knn_train_subset=4, eval__knn_k=4, eval__knn_t=0.1, ckpt__every_steps=2, log__plots="false")
+STEPS_PER_EPOCH = 4  # 16 images / 4
+
+
+@pytest.fixture(autouse=True)
+def _cpu_references(monkeypatch):
+    """The trainer's CPU path uses the references (as in a subprocess without TRITON_INTERPRET)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("VSSL_DEBUG", raising=False)
+    yield
+    faults.restore_signals()
+
+
+def _args(data, run, cache, steps, *extra, **kw):
+    return tiny_args(data, run, cache, steps=steps, **{**TINY, **kw}) + list(extra)
+
+
+def _main(argv, capsys):
+    """train.main in this process: (exit code, stdout, stderr)."""
+    try:
+        rc = train.main(argv)
+    except SystemExit as e:  # the trainer before issue 17 exited 143 this way
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() if p.is_file() else None for p in sorted(d.rglob("*"))}
+
+
+def _one_line(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def _train_steps(run: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def run0(cifar_tiny_tar, tmp_path_factory):
+    """A finished 4-step run: checkpoints at steps 2 and 4, metrics rows 1..4, results."""
+    d = tmp_path_factory.mktemp("faults")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        rc = train.main(_args(cifar_tiny_tar, d / "run", d / "cache", 4))
+    faults.restore_signals()
+    assert rc == 0
+    return d / "run", cifar_tiny_tar, d / "cache"
+
+
+@pytest.fixture
+def cache(run0):
+    """The decoded-data cache of run0, shared: each run skips decoding the JPEGs again."""
+    return run0[2]
+
+
+@pytest.fixture
+def run_copy(run0, tmp_path):
+    run, data, cache = run0
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", data, cache
+
+
+# ----------------------------------------------------------------------------- the run directory
+def test_a_run_dir_holding_a_run_is_never_written_without_resume(run0, run_copy, capsys):
+    run, data, cache = run_copy
+    before = _snapshot(run)
+    rc, out, err = _main(_args(data, run, cache, 4, train__seed=7, optim__lr=0.5), capsys)
+    line = _one_line(err)
+    assert rc == 3 and "--resume auto" in line and "--run-dir" in line and str(run) in line
+    assert _snapshot(run) == before
+    # an explicit --resume of another run's checkpoint into it: refused too (the two runs would mix)
+    foreign = run0[0] / "checkpoints" / "step_00000002.pt"
+    rc, out, err = _main(_args(data, run, cache, 4, f"--resume={foreign}"), capsys)
+    assert rc == 3 and "not one of its checkpoints" in _one_line(err)
+    assert _snapshot(run) == before
+
+
+def test_a_refused_start_leaves_the_run_dir_as_it_was(run_copy, tmp_path, capsys, monkeypatch):
+    run, data, cache = run_copy
+    before = _snapshot(run)
+    # incompatible resume: one line naming the field; config.json still describes the checkpoints beside it
+    rc, out, err = _main(_args(data, run, cache, 6, "--resume=auto", method__proj_output_dim=8), capsys)
+    assert rc == 5 and "method.proj_output_dim=16" in _one_line(err)
+    assert _snapshot(run) == before
+    # data that is not data (a text file): one line naming data.path, exit 4, nothing written
+    text = tmp_path / "notes.txt"
+    text.write_text("not a tar archive\n" * 50)
+    rc, out, err = _main(_args(text, run, cache, 6, "--resume=auto"), capsys)
+    line = _one_line(err)
+    assert rc == 4 and f"data.path='{text}'" in line
+    assert _snapshot(run) == before
+    rc, out, err = _main(_args(tmp_path / "missing.tar", tmp_path / "new", cache, 2), capsys)
+    assert rc == 4 and "data.path=" in _one_line(err) and not (tmp_path / "new").exists()
+    # --debug / VSSL_DEBUG=1: the traceback as well
+    monkeypatch.setenv("VSSL_DEBUG", "1")
+    rc, out, err = _main(_args(text, tmp_path / "new", cache, 2), capsys)
+    assert rc == 4 and "Traceback" in err and not (tmp_path / "new").exists()
+
+
+def test_resume_takes_the_lr_from_the_config_and_logs_the_change(run_copy, capsys):
+    run, data, cache = run_copy
+    rc, out, err = _main(_args(data, run, cache, 5, "--resume=auto", optim__lr=0.1), capsys)
+    assert rc == 0, err[-3000:]
+    assert "changed since the checkpoint" in out and "ssl.base_lr 0.015625 -> 0.0015625" in out
+    base = 0.1 * 4 / 256  # optim.lr x batch / 256
+    row5 = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"step": 5' in x][0]
+    warmup = round(0.1 * STEPS_PER_EPOCH)  # tiny_args: optim.warmup_epochs=0.1
+    assert row5["lr"] == pytest.approx(warmup_cosine(4, base, warmup, 5, 3e-5, 0.0), rel=1e-12)
+    groups = ckpt.load_checkpoint(ckpt.find_latest(run / "checkpoints"))["optimizer"]["param_groups"]
+    assert groups[0]["base_lr"] == pytest.approx(base)
+    assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 0.1
+    assert json.loads((run / "config.before_step_00000004.json").read_text())["optim"]["lr"] == 1.0
+    assert "data: device-resident" in (run / "train.log").read_text()  # lines from before the start was accepted
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+def test_auto_resume_skips_a_bad_checkpoint_and_tidies_the_run_dir(run_copy, capsys):
+    run, data, cache = run_copy
+    ck = run / "checkpoints"
+    newest = ck / "step_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:5000])  # truncated, yet marked complete
+    (ck / ".step_00000006.pt.tmp").write_bytes(b"partial")  # leftovers of interrupted saves
+    (ck / "step_00000008.pt").write_bytes(b"no marker")
+    (ck / "step_00000010.pt.done").write_text("10\n")
+    old_results = (run / "results.json").read_text()
+    rc, out, err = _main(_args(data, run, cache, 5, "--resume=auto"), capsys)
+    assert rc == 0, err[-3000:]
+    skips = [x for x in out.splitlines() if "skipping" in x]
+    assert len(skips) == 1 and "step_00000004.pt" in skips[0] and "truncated" in skips[0]
+    assert f"resumed from {ck / 'step_00000002.pt'} at step 2" in out
+    assert not {".step_00000006.pt.tmp", "step_00000008.pt", "step_00000010.pt.done"} & {p.name for p in ck.iterdir()}
+    assert (ck / "step_00000004.pt.superseded").exists()  # set aside, not deleted
+    # one metrics row per step; the rows of the replaced trajectory (steps 3, 4) moved aside
+    assert _train_steps(run) == [1, 2, 3, 4, 5]
+    aside = [json.loads(x) for x in (run / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in aside if r["kind"] == "train") == [3, 4]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    ips = [r["img_per_s"] for r in rows if r["kind"] == "train"]
+    res = json.loads((run / "results.json").read_text())
+    assert res["steps"] == 5 and res["img_per_s"] == pytest.approx(sum(ips) / len(ips))
+    assert (run / "results.superseded.json").read_text() == old_results
+
+
+def _tiny_states(d: Path):
+    for step in (2, 4, 6):
+        ckpt.save_checkpoint({"config": {}, "w": torch.full((3,), float(step))}, d, step, keep=3)
+    (d / "step_00000006.pt").write_bytes((d / "step_00000006.pt").read_bytes()[:200])  # truncated
+    ckpt.save_checkpoint({"config": {}, "w": torch.tensor([1.0, float("nan"), 2.0])}, d, 4, keep=3)  # non-finite
+
+
+def test_bad_checkpoints_auto_skips_explicit_fails_in_one_line(tmp_path, caplog):
+    d = tmp_path / "ck"
+    _tiny_states(d)
+    log = logging.getLogger("test_faults")
+    with caplog.at_level(logging.WARNING, logger="test_faults"):
+        path, state = ckpt.select_for_resume(d, "auto", log=log)
+    assert path.name == "step_00000002.pt" and torch.equal(state["w"], torch.full((3,), 2.0))
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["resume auto", "resume auto"]
+    assert "step_00000006.pt" in caplog.records[0].getMessage() and "non-finite" in caplog.records[1].getMessage()
+    evil = tmp_path / "evil.pt"
+    torch.save({"f": os.system}, evil)  # a pickle that runs code: refused by weights_only=True
+    (tmp_path / "garbage.pt").write_bytes(b"plain text, not a checkpoint\n" * 40)
+    for bad, why in [(d / "step_00000006.pt", "truncated"), (d / "step_00000004.pt", "non-finite"),
+                     (evil, "refuses"), (tmp_path / "garbage.pt", "not a checkpoint"), (tmp_path / "nope.pt", "does not exist")]:
+        with pytest.raises(ckpt.CheckpointError) as ei:
+            ckpt.select_for_resume(d, str(bad))
+        msg = str(ei.value)
+        assert "\n" not in msg and str(bad) in msg and why in msg and "weights_only=False" not in msg, msg
+        assert faults.classify(ei.value)[0] == 5
+    (d / "step_00000002.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="none of the 3 complete checkpoints"):
+        ckpt.select_for_resume(d, "auto")
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    d = tmp_path / "ck"
+    ckpt.save_checkpoint({"config": {}, "w": torch.ones(3)}, d, 2)
+    (d / ".step_00000004.pt.tmp").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    with pytest.raises(faults.WriteError) as ei:
+        ckpt.save_checkpoint({"config": {}, "w": torch.zeros(10_000)}, d, 4)
+    code, line = faults.classify(ei.value)
+    assert code == 7 and "step_00000004.pt" in line and "No space left" in line and "step_00000002.pt" in line
+    assert not (d / ".step_00000004.pt.tmp").exists() and not (d / "step_00000004.pt").exists()
+    assert ckpt.find_latest(d).name == "step_00000002.pt" and torch.equal(ckpt.load_good(ckpt.find_latest(d))["w"], torch.ones(3))
+    assert faults.classify(OSError(errno.ENOSPC, "No space left on device", "runs/x/results.json"))[0] == 7
+
+
+def test_a_non_finite_run_names_the_last_finite_checkpoint(cifar_tiny_tar, cache, tmp_path, capsys):
+    # an absurd learning rate: the first step blows the weights up, the next ones are non-finite and skipped
+    args = _args(cifar_tiny_tar, tmp_path / "run", cache, 8, optim__lr="1e30", optim__warmup_epochs=0,
+                 train__max_consecutive_skips=2, ckpt__every_steps=1, ckpt__keep=10)
+    rc, out, err = _main(args, capsys)
+    line = _one_line(err)
+    assert rc == 6 and "2 consecutive steps had a non-finite" in line and "--optim.lr=1e+29" in line
+    ck = tmp_path / "run" / "checkpoints"
+    if "no checkpoint in" in line:  # then none may be finite, which is checked here
+        assert all(ckpt.nonfinite_entries(ckpt.load_checkpoint(p)) for p in ck.glob("step_*.pt"))
+    else:
+        named = Path(line.split("--resume ")[1].split(" ")[0])
+        assert named.parent == ck and not ckpt.nonfinite_entries(ckpt.load_checkpoint(named))
+        newer = [p for p in ck.glob("step_*.pt") if p.name > named.name]
+        assert all(ckpt.nonfinite_entries(ckpt.load_checkpoint(p)) for p in newer)
+
+
+# ----------------------------------------------------------------------------- stop signals in every phase
+def _signal_in_evaluation(monkeypatch, sig=signal.SIGTERM):
+    orig = DeviceEvalLoader.__iter__
+
+    def it(self):
+        for i, batch in enumerate(orig(self)):
+            if i == 0:
+                os.kill(os.getpid(), sig)
+            yield batch
+
+    monkeypatch.setattr(DeviceEvalLoader, "__iter__", it)
+
+
+def test_sigterm_during_an_epoch_evaluation_saves_exits_143_and_the_evaluation_reruns(cifar_tiny_tar, cache, tmp_path,
+                                                                                      capsys, monkeypatch):
+    run = tmp_path / "run"
+    args = _args(cifar_tiny_tar, run, cache, 8, eval__online_every_epochs=1, ckpt__every_steps=1000)
+    with monkeypatch.context() as mp:
+        _signal_in_evaluation(mp)
+        rc, out, err = _main(args, capsys)
+    assert rc == 143, err[-3000:]
+    assert _train_steps(run) == [1, 2, 3, 4]  # no step after the signal
+    state = ckpt.load_checkpoint(ckpt.find_latest(run / "checkpoints"))
+    assert state["step"] == 4 and state["pending_eval"] == [1, False]
+    rc, out, err = _main(_args(cifar_tiny_tar, run, cache, 5, "--resume=auto",
+                               eval__online_every_epochs=1, ckpt__every_steps=1000), capsys)
+    assert rc == 0, err[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in rows if r["kind"] == "eval"][0] == (1, 4)
+    assert _train_steps(run) == [1, 2, 3, 4, 5]
+
+
+def test_sigterm_during_the_final_evaluation_exits_143_and_resume_finishes(cifar_tiny_tar, cache, tmp_path, capsys,
+                                                                           monkeypatch):
+    run = tmp_path / "run"
+    args = _args(cifar_tiny_tar, run, cache, 2)
+    with monkeypatch.context() as mp:
+        _signal_in_evaluation(mp)
+        rc, out, err = _main(args, capsys)
+    assert rc == 143 and not (run / "results.json").exists()
+    pending = ckpt.load_checkpoint(ckpt.find_latest(run / "checkpoints"))["pending_eval"]
+    assert len(pending) == 2 and pending[1] is True  # (epoch label, with kNN): the final evaluation
+    rc, out, err = _main(args + ["--resume=auto"], capsys)
+    assert rc == 0, err[-3000:]
+    res = json.loads((run / "results.json").read_text())
+    assert res["steps"] == 2 and res["knn_top1"] is not None and _train_steps(run) == [1, 2]
+
+
+def test_sigusr1_during_a_checkpoint_write_exits_143_after_that_save(cifar_tiny_tar, cache, tmp_path, capsys,
+                                                                       monkeypatch):
+    run = tmp_path / "run"
+    saves = []
+    orig = ckpt.save_checkpoint
+
+    def save(state, d, step, keep=2):
+        saves.append(step)
+        if step == STEPS_PER_EPOCH:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return orig(state, d, step, keep)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    rc, out, err = _main(_args(cifar_tiny_tar, run, cache, 8, ckpt__every_steps=1000), capsys)
+    assert rc == 143, err[-3000:]
+    assert saves == [4] and _train_steps(run) == [1, 2, 3, 4]  # the epoch-end save, then out; nothing saved twice
+
+
+# ----------------------------------------------------------------------------- exit codes, config values
+def test_a_distributed_timeout_is_one_line_with_exit_8():
+    store, pgs = dist.HashStore(), {}
+
+    def make(rank):
+        pgs[rank] = dist.ProcessGroupGloo(dist.PrefixStore("t", store), rank, 2, datetime.timedelta(seconds=1))
+
+    threads = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    with pytest.raises(RuntimeError) as ei:  # rank 1 never joins the collective: gloo's timeout
+        pgs[0].allreduce([torch.ones(1)]).wait()
+    code, line = faults.classify(ei.value)
+    assert code == 8 and "dist.timeout_s" in line and "\n" not in line
+
+
+def test_a_bug_keeps_its_traceback_and_exit_1(capsys):
+    def boom(argv):
+        raise ZeroDivisionError("division by zero")
+
+    assert faults.run(boom, []) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "a bug" in err
+
+
+@pytest.mark.parametrize("arg,key", [("--optim.lr=nan", "optim.lr"), ("--optim.lr=inf", "optim.lr"),
+                                     ("--optim.weight_decay=-inf", "optim.weight_decay"),
+                                     ("--train.max_steps=-1", "train.max_steps"),
+                                     ("--data.train_subset=-5", "data.train_subset"),
+                                     ("--train.max_consecutive_skips=0", "train.max_consecutive_skips")])
+def test_nonsensical_values_are_config_errors_naming_the_key(arg, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load_config(["--preset", "smoke", arg])
