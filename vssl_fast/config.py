@@ -83,7 +83,8 @@ class EvalConfig:
     knn_k: tuple = (20, 200)
     knn_t: tuple = (0.07, 0.1)
     knn_chunk: int = 1024
-    knn_train_subset: int = 0  # >0: a subset of the train set as the kNN memory bank
+    knn_train_subset: int = 0  # >0: a fixed stratified random sample of this many train images as the kNN bank
+    feature_dtype: str = "fp32"  # fp32 | bf16: images and backbone precision for kNN, online and linear eval
 
 
 @dataclass
@@ -138,6 +139,7 @@ class Config:
             ("optim.impl", self.optim.impl, ("auto", "fused", "reference")),
             ("train.precision", self.train.precision, ("auto", "bf16", "fp16", "fp32")),
             ("train.compile", self.train.compile, ("auto", "none", "default", "reduce-overhead")),
+            ("eval.feature_dtype", self.eval.feature_dtype, ("fp32", "bf16")),
         ]
         for key, val, choices in checks:
             if val not in choices:
@@ -171,6 +173,9 @@ class Config:
             raise ConfigError(f"model.sync_batchnorm: invalid value {self.model.sync_batchnorm!r}; "
                               "choose one of ['auto', 'true', 'false']")
         self.model.sync_batchnorm = sbn
+        if self.eval.knn_train_subset < 0:
+            raise ConfigError(f"eval.knn_train_subset: must be >= 0 (0 = the whole train set), got "
+                              f"{self.eval.knn_train_subset}")
         if len(self.eval.knn_k) != len(self.eval.knn_t):
             raise ConfigError(f"eval.knn_k and eval.knn_t must pair up, got {self.eval.knn_k} and {self.eval.knn_t}")
         return self

@@ -7,6 +7,11 @@
 - the offline linear protocol (§3.6): frozen backbone in eval mode, a fresh Linear, SGD momentum
   0.9, lr 0.3 x batch/256, wd 0, 100 epochs, LR x0.1 at epochs 60 and 80, RRC + flip.
 
+Features come from the student backbone in eval mode (``EVAL_NETWORK``; the commands take
+``--network teacher`` too), extracted in fp32 (``eval.feature_dtype=fp32``, the default: fp32
+images, no autocast, whatever the training precision) or under bf16 autocast (``eval.feature_dtype=bf16``,
+on any device; the CIFAR loaders then hand bf16 images). The trainer and the commands share these rules.
+
 Commands:
     python -m vssl_fast.evaluate knn    --ckpt RUN/checkpoints/step_XXXXXXXX.pt [--k 20,200 --t 0.07,0.1]
     python -m vssl_fast.evaluate linear --ckpt RUN/checkpoints/step_XXXXXXXX.pt [--epochs 100]
@@ -26,13 +31,30 @@ import torch.nn.functional as F
 
 from vssl_fast import faults
 
-__all__ = ["knn_classify", "extract_features", "online_eval", "linear_eval", "main"]
+__all__ = ["knn_classify", "extract_features", "online_eval", "knn_eval", "linear_eval", "feature_amp_dtype",
+           "EVAL_NETWORK", "main"]
+
+EVAL_NETWORK = "student backbone"  # what the trainer's online probe and kNN evaluate (results.json: eval_network)
+
+
+def feature_amp_dtype(cfg):
+    """The autocast dtype of feature extraction for ``eval.feature_dtype``: None (fp32) or torch.bfloat16."""
+    return {"fp32": None, "bf16": torch.bfloat16}[cfg.eval.feature_dtype]
 
 
 def _autocast(device: torch.device, dtype):
-    if dtype is None or device.type != "cuda":
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _backbone_features(backbone, x, device, amp_dtype) -> torch.Tensor:
+    """fp32 features of a batch: under autocast when ``amp_dtype`` is set, else in the weights' dtype."""
+    x = x.to(device, non_blocking=True)
+    if amp_dtype is None:
+        x = x.to(next(backbone.parameters()).dtype)  # e.g. bf16 loader images into fp32 weights
+    with _autocast(device, amp_dtype):
+        return backbone(x).float()
 
 
 def gather_cat(t: torch.Tensor) -> torch.Tensor:
@@ -58,9 +80,7 @@ def extract_features(backbone, loader, device, amp_dtype=None):
     for x, y in loader:
         if faults.stop_requested():
             break  # SIGTERM/SIGUSR1: stop within a batch; the ranks agree just below
-        with _autocast(device, amp_dtype):
-            f = backbone(x.to(device, non_blocking=True))
-        feats.append(f.float())
+        feats.append(_backbone_features(backbone, x, device, amp_dtype))
         labels.append(y.to(device))
     backbone.train(was)
     faults.raise_if_stop_agreed()  # before the gathers, on every rank alike: StopRequested
@@ -115,7 +135,7 @@ def knn_eval(backbone, bank_loader, val_loader, device, ks, ts, num_classes, chu
              val_feats=None) -> dict:
     tf, ty = extract_features(backbone, bank_loader, device, amp_dtype)
     vf, vy = val_feats or extract_features(backbone, val_loader, device, amp_dtype)
-    out = {}
+    out = {"knn_bank_size": int(tf.shape[0])}
     for k, t in zip(ks, ts):
         top1, top5 = knn_classify(tf, ty, vf, vy, int(k), float(t), num_classes, chunk)
         out[f"knn_k{int(k)}_t{t:g}_top1"] = top1
@@ -176,8 +196,8 @@ def linear_eval(backbone, train_batches, val_loader, num_classes, device, *, epo
     for ep in range(epochs):
         loss = None
         for x, y in train_batches(ep):
-            with torch.no_grad(), _autocast(device, amp_dtype):
-                f = backbone(x).float()
+            with torch.no_grad():
+                f = _backbone_features(backbone, x, device, amp_dtype)
             if head is None:
                 head = torch.nn.Linear(f.shape[1], num_classes).to(device)
                 opt = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=0.9, weight_decay=0.0)
@@ -196,9 +216,12 @@ def linear_eval(backbone, train_batches, val_loader, num_classes, device, *, epo
 
 
 # ----------------------------------------------------------------------------- commands
-def _load_backbone(ckpt_path, overrides):
+NETWORK_PREFIX = {"student": "backbone.", "teacher": "teacher.backbone."}
+
+
+def _load_backbone(ckpt_path, overrides, network="student"):
     from vssl_fast.checkpoint import load_checkpoint
-    from vssl_fast.config import config_from_dict, set_key
+    from vssl_fast.config import ConfigError, config_from_dict, set_key
     from vssl_fast.models import build_backbone
 
     state = load_checkpoint(ckpt_path)
@@ -208,8 +231,15 @@ def _load_backbone(ckpt_path, overrides):
             raise SystemExit(f"unexpected argument {ov!r}; overrides look like --section.key=value")
         k, v = ov[2:].split("=", 1)
         set_key(cfg, k, v)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ConfigError(f"{ckpt_path}: {e}") from None
     bb = build_backbone(cfg.model.backbone, cfg.model.cifar_stem)
-    sd = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    pre = NETWORK_PREFIX[network]
+    sd = {k[len(pre):]: v for k, v in state["model"].items() if k.startswith(pre)}
+    if not sd:
+        raise SystemExit(f"{ckpt_path}: no '{pre}*' weights in the checkpoint's model (--network {network})")
     bb.load_state_dict(sd, strict=True)
     return cfg, bb
 
@@ -219,6 +249,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["knn", "linear"])
     ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--network", choices=sorted(NETWORK_PREFIX), default="student",
+                    help="which backbone to evaluate (METHOD.md §3.6: the student)")
     ap.add_argument("--k", default="20,200")
     ap.add_argument("--t", default="0.07,0.1")
     ap.add_argument("--epochs", type=int, default=100)
@@ -227,7 +259,7 @@ def main(argv=None) -> int:
     args, rest = ap.parse_known_args(argv)
     from vssl_fast.data import build_data
 
-    cfg, bb = _load_backbone(args.ckpt, rest)
+    cfg, bb = _load_backbone(args.ckpt, rest, args.network)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bb = bb.to(device)
     try:
@@ -236,24 +268,43 @@ def main(argv=None) -> int:
         print(f"error: {str(e).splitlines()[0]} (the checkpoint's data.path is {cfg.data.path!r}; pass "
               "--data.path=DIR to read the data elsewhere)", file=sys.stderr)
         return 4
+    amp = feature_amp_dtype(cfg)  # the trainer's rule: eval.feature_dtype, not the training precision
+    meta = {"ckpt": str(args.ckpt), "eval_network": f"{args.network} backbone", "eval_feature_dtype": cfg.eval.feature_dtype}
     if args.command == "knn":
         ks = [int(x) for x in args.k.split(",")]
         ts = [float(x) for x in args.t.split(",")]
-        res = knn_eval(bb, data.bank, data.val, device, ks, ts, data.num_classes, cfg.eval.knn_chunk)
+        val = extract_features(bb, data.val, device, amp)
+        res = knn_eval(bb, data.bank, data.val, device, ks, ts, data.num_classes, cfg.eval.knn_chunk, amp,
+                       val_feats=val)
+        res["val_size"] = int(val[1].shape[0])
     else:
         bs = args.batch_size
         if hasattr(data.train, "images"):  # CIFAR on the device; solo-learn has no CIFAR protocol: RRC 32 + flip
+            from vssl_fast.data import eval_input_dtype
+            from vssl_fast.data.loader import DeviceEvalLoader
+
+            # train and validate with the same statistics: the dataset's (CIFAR-100's for cifar100), as pretraining
+            mean, std = data.train.specs[0].mean, data.train.specs[0].std
             batches = array_linear_batches(data.train.images, data.train.labels, bs, cfg.data.crop_size,
-                                           data.train.specs[0].mean, data.train.specs[0].std, cfg.train.seed)
+                                           mean, std, cfg.train.seed)
+            val = DeviceEvalLoader(data.val.images, data.val.labels, max(bs, 256), mean, std,
+                                   out_dtype=eval_input_dtype(cfg))
+            n_val = len(val.idx)
         else:  # ImageNet-100 and other folders: §3.6 as written
             from pathlib import Path
 
-            from vssl_fast.data.folder import default_workers  # data.workers, else min(4, cores)
+            from vssl_fast.data.folder import FolderEvalLoader, default_workers
 
-            batches = folder_linear_batches(Path(cfg.data.path) / "train", bs, cfg.data.crop_size,
-                                            default_workers(cfg.data.workers, cap=4), cfg.train.seed, device)
-        amp = torch.bfloat16 if device.type == "cuda" else None
-        res = linear_eval(bb, batches, data.val, data.num_classes, device, epochs=args.epochs, batch_size=bs, amp_dtype=amp)
+            root, workers = Path(cfg.data.path), default_workers(cfg.data.workers, cap=4)  # min(4, cores) unless set
+            batches = folder_linear_batches(root / "train", bs, cfg.data.crop_size, workers, cfg.train.seed, device)
+            # solo-learn's DALI linear pipeline resizes the validation images bicubically (256 -> 224 crop)
+            crop = cfg.data.crop_size
+            val = FolderEvalLoader(data.val.root, bs, 0, 1, device, workers, crop=crop, resize=round(crop * 256 / 224),
+                                   interpolation="bicubic")
+            n_val = val.num_samples
+        res = linear_eval(bb, batches, val, data.num_classes, device, epochs=args.epochs, batch_size=bs, amp_dtype=amp)
+        res["val_size"] = n_val
+    res.update(meta)
     print(json.dumps(res, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -40,7 +40,7 @@ from vssl_fast import faults, rundir
 from vssl_fast.config import Config
 from vssl_fast.data import build_data
 from vssl_fast.distributed import cleanup, init_distributed
-from vssl_fast.evaluate import extract_features, knn_eval, online_eval
+from vssl_fast.evaluate import EVAL_NETWORK, extract_features, feature_amp_dtype, knn_eval, online_eval
 from vssl_fast.models import SSLModel
 from vssl_fast.monitor import Monitor, setup_logging
 from vssl_fast.optim import build_optimizer
@@ -210,13 +210,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, epoch: int, knn: bool) -> dict:
-        res = {"kind": "eval", "epoch": epoch, "step": self.step}
-        val = extract_features(self.model.backbone, self.data.val, self.device, self.amp_dtype)  # once for both
-        res.update(online_eval(self.model, self.data.val, self.device, self.amp_dtype, val_feats=val))
+        amp = feature_amp_dtype(self.cfg)  # eval.feature_dtype, not the training precision
+        val = extract_features(self.model.backbone, self.data.val, self.device, amp)  # once for both
+        res = {"kind": "eval", "epoch": epoch, "step": self.step, "val_size": int(val[1].shape[0])}
+        res.update(online_eval(self.model, self.data.val, self.device, amp, val_feats=val))
         if knn:
             e = self.cfg.eval
             res.update(knn_eval(self.model.backbone, self.data.bank, self.data.val, self.device, e.knn_k, e.knn_t,
-                                self.data.num_classes, e.knn_chunk, self.amp_dtype, val_feats=val))
+                                self.data.num_classes, e.knn_chunk, amp, val_feats=val))
         self.monitor.record(res)
         self.history.append(res)
         self.log.info("eval epoch %g: %s", epoch, ", ".join(f"{k} {v:.2f}" for k, v in res.items()
@@ -324,6 +325,8 @@ class Trainer:
             "epochs": self.step / max(self.steps_per_epoch, 1), "online_top1": last_eval.get("online_top1"),
             "online_top5": last_eval.get("online_top5"), "knn_top1": last_eval.get(k0),
             **{k: v for k, v in last_eval.items() if k.startswith("knn_")},
+            "val_size": last_eval.get("val_size"), "eval_feature_dtype": cfg.eval.feature_dtype,
+            "eval_network": EVAL_NETWORK,
             "wall_time_s": wall, "skipped_steps": int(self.stepper.skipped), "world_size": self.dist.world,
             "bad_files": (self.data.bad_files.global_count(self.dist.vote_group)  # every rank calls it: a collective
                           if getattr(self.data, "bad_files", None) is not None else 0),

@@ -11,7 +11,8 @@ from vssl_fast.data.augment import MEANS_STDS, view_specs
 from vssl_fast.data.loader import DeviceEvalLoader, DeviceTwoViewLoader
 from vssl_fast.data.sources import DataNotFound, load_cifar_arrays, resolve_data_path
 
-__all__ = ["build_data", "DataNotFound", "resolve_data_path", "DataBundle"]
+__all__ = ["build_data", "DataNotFound", "resolve_data_path", "DataBundle", "stratified_subset", "BANK_SEED",
+           "eval_input_dtype"]
 
 log = logging.getLogger("vssl_fast")
 
@@ -19,6 +20,37 @@ log = logging.getLogger("vssl_fast")
 class DataBundle:
     def __init__(self, train, val, bank, num_classes, describe):
         self.train, self.val, self.bank, self.num_classes, self.describe = train, val, bank, num_classes, describe
+
+
+BANK_SEED = 2  # the kNN bank subset is the same in every run (train_subset uses 0, val_subset 1)
+
+
+def stratified_subset(labels, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of a fixed random sample of ``n`` items with each class in proportion to its share.
+
+    Per class ``floor(n * share)`` items, plus one more for the classes with the largest remainders
+    (ties broken at random), drawn without replacement by a generator seeded with ``seed``. A prefix
+    would not do: datasets stored class by class would give a one-class sample.
+    """
+    labels = np.asarray(labels)
+    if n < 1:
+        raise ValueError(f"stratified_subset: n must be >= 1, got {n}")
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n * counts / len(labels)
+    take = np.floor(quota).astype(np.int64)
+    rest = n - int(take.sum())
+    order = np.lexsort((rng.random(len(classes)), -(quota - take)))  # largest remainder first, random ties
+    take[order[:rest]] += 1
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
+
+
+def eval_input_dtype(cfg) -> torch.dtype:
+    """Images handed to feature extraction: bf16 only when ``eval.feature_dtype=bf16``, else fp32."""
+    return torch.bfloat16 if cfg.eval.feature_dtype == "bf16" else torch.float32
 
 
 def _to_device_uint8(x: np.ndarray, device) -> torch.Tensor:
@@ -46,11 +78,13 @@ def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> Data
         train = DeviceTwoViewLoader(train_x, train_y, cfg.train.batch_size, specs, cfg.train.seed, rank, world, cl, dt)
         mean, std = MEANS_STDS["cifar_val"]
         ebs = max(cfg.train.batch_size, 256)
-        val = DeviceEvalLoader(val_x, val_y, ebs, mean, std, rank, world, cl, dt)
+        edt = eval_input_dtype(cfg)
+        val = DeviceEvalLoader(val_x, val_y, ebs, mean, std, rank, world, cl, edt)
         bx, by = (train_x, train_y)
         if cfg.eval.knn_train_subset:
-            bx, by = bx[: cfg.eval.knn_train_subset], by[: cfg.eval.knn_train_subset]
-        bank = DeviceEvalLoader(bx, by, ebs, mean, std, rank, world, cl, dt)
+            keep = torch.from_numpy(stratified_subset(ty, cfg.eval.knn_train_subset, BANK_SEED)).to(device)
+            bx, by = bx.index_select(0, keep), by.index_select(0, keep)
+        bank = DeviceEvalLoader(bx, by, ebs, mean, std, rank, world, cl, edt)
         desc = (f"device-resident {d.dataset} ({len(tx)} train / {len(vx)} val images of {tx.shape[1]}x{tx.shape[2]} "
                 f"on {device}), two views augmented on {device}")
         return DataBundle(train, val, bank, arr.num_classes, desc)

@@ -33,7 +33,9 @@ decodes each batch with nvJPEG on the GPU, where both views are cropped and augm
 (PIL GaussianBlur and Solarize, as solo-learn's torchvision pipeline), torch's and Python's
 generators seeded per sample. A file that passes the check but fails to decode is skipped where
 it is met (the next file takes its place), counted in the main process, logged once.
-The log says which path runs and why. Validation everywhere: resize 256, centre crop 224.
+The log says which path runs and why. Validation and the kNN bank: resize 256 (bilinear, as
+solo-learn's torchvision validation transform), centre crop 224; ``eval.knn_train_subset`` draws
+the bank as a fixed stratified random sample of the train folder.
 """
 
 from __future__ import annotations
@@ -747,16 +749,27 @@ class NvjpegTwoViewLoader(_PositionalLoader):
 
 
 class FolderEvalLoader:
-    """Resize 256 (shorter side) + centre crop 224 + normalise, as solo-learn's validation transform."""
+    """Resize 256 (shorter side) + centre crop 224 + normalise: solo-learn's torchvision validation transform
+    (``transforms.Resize(256)``, bilinear with antialiasing; its DALI linear-eval pipeline resizes bicubically,
+    ``interpolation="bicubic"``). ``subset`` > 0: a fixed stratified random sample of that many images."""
 
-    def __init__(self, root, batch_size, rank, world, device, workers, crop=224, resize=256):
+    def __init__(self, root, batch_size, rank, world, device, workers, crop=224, resize=256, interpolation="bilinear",
+                 subset: int = 0):
         from torchvision import transforms as T
 
+        from vssl_fast.data import BANK_SEED, stratified_subset
+
+        modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+        if interpolation not in modes:
+            raise ValueError(f"FolderEvalLoader: interpolation must be one of {sorted(modes)}, got {interpolation!r}")
         mean, std = MEANS_STDS["imagenet"]
-        tf = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(crop), T.ToTensor(),
+        tf = T.Compose([T.Resize(resize, interpolation=modes[interpolation]), T.CenterCrop(crop), T.ToTensor(),
                         T.Normalize(mean, std)])
+        self.root = Path(root)
         self.ds = SkippingImageFolder(root, tf)
-        idx = list(range(rank, len(self.ds), world))
+        keep = stratified_subset(self.ds.inner.targets, subset, BANK_SEED) if subset else range(len(self.ds))
+        idx = [int(i) for i in keep[rank::world]]
+        self.num_samples = len(keep)  # over all ranks
         self.dl = torch.utils.data.DataLoader(torch.utils.data.Subset(self.ds, idx), batch_size=batch_size,
                                               num_workers=workers, shuffle=False)
         self.device = device
@@ -807,7 +820,8 @@ def build_folder_data(cfg, device, rank: int = 0, world: int = 1):
     ew = default_workers(d.workers, cap=4)  # evaluation: data.workers, else min(4, cores)
     crop, resize = d.crop_size, round(d.crop_size * 256 / 224)  # 224 -> 256 as solo-learn; other crops in proportion
     val = FolderEvalLoader(val_dir, ebs, rank, world, device, ew, crop=crop, resize=resize)
-    bank = FolderEvalLoader(train_dir, ebs, rank, world, device, ew, crop=crop, resize=resize)
+    bank = FolderEvalLoader(train_dir, ebs, rank, world, device, ew, crop=crop, resize=resize,
+                            subset=cfg.eval.knn_train_subset)
     bundle = DataBundle(train, val, bank, len(train_s.classes), desc)
     bundle.bad_files = bad  # the trainer counts them in its metrics and results.json
     return bundle
