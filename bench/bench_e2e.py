@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _train(args: list[str], run_dir: Path) -> dict:
+    shutil.rmtree(run_dir, ignore_errors=True)  # a scratch run; train.py refuses a dir that holds another run
     cmd = [sys.executable, str(REPO / "train.py"), *args, f"--run-dir={run_dir}", "--log.progress=false",
            "--log.tensorboard=false", "--eval.knn_every_epochs=0", "--eval.online_every_epochs=100000"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

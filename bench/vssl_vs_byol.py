@@ -15,6 +15,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench.common import env_info, header, markdown_table, write_results
@@ -32,7 +33,7 @@ def main(argv=None):
     ap.add_argument("--out", default="bench/results/vssl_vs_byol.jsonl")
     a, extra = ap.parse_known_args(argv)  # anything else: --section.key=value overrides for every run
     a.extra = extra
-    work = Path(a.work)
+    work = Path(a.work) / time.strftime("%Y%m%d-%H%M%S")  # fresh run dirs: train.py never reuses one
     base = ["--preset", "smoke" if a.tiny else "cifar10", f"--data.path={a.cifar}", f"--train.epochs={a.epochs}",
             f"--eval.knn_every_epochs={a.epochs}", "--log.progress=false", "--train.seed=5", *a.extra]
     if a.tiny:

@@ -256,20 +256,19 @@ def _signal_in_evaluation(monkeypatch, sig=signal.SIGTERM):
 def test_sigterm_during_an_epoch_evaluation_saves_exits_143_and_the_evaluation_reruns(cifar_tiny_tar, cache, tmp_path,
                                                                                       capsys, monkeypatch):
     run = tmp_path / "run"
-    args = _args(cifar_tiny_tar, run, cache, 8, eval__online_every_epochs=1, ckpt__every_steps=1000)
+    two_step_epochs = dict(data__train_subset=8, eval__online_every_epochs=1, ckpt__every_steps=1000)
     with monkeypatch.context() as mp:
         _signal_in_evaluation(mp)
-        rc, out, err = _main(args, capsys)
+        rc, out, err = _main(_args(cifar_tiny_tar, run, cache, 8, **two_step_epochs), capsys)
     assert rc == 143, err[-3000:]
-    assert _train_steps(run) == [1, 2, 3, 4]  # no step after the signal
+    assert _train_steps(run) == [1, 2]  # no step after the signal
     state = ckpt.load_checkpoint(ckpt.find_latest(run / "checkpoints"))
-    assert state["step"] == 4 and state["pending_eval"] == [1, False]
-    rc, out, err = _main(_args(cifar_tiny_tar, run, cache, 5, "--resume=auto",
-                               eval__online_every_epochs=1, ckpt__every_steps=1000), capsys)
+    assert state["step"] == 2 and state["pending_eval"] == [1, False]
+    rc, out, err = _main(_args(cifar_tiny_tar, run, cache, 3, "--resume=auto", **two_step_epochs), capsys)
     assert rc == 0, err[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["epoch"], r["step"]) for r in rows if r["kind"] == "eval"][0] == (1, 4)
-    assert _train_steps(run) == [1, 2, 3, 4, 5]
+    assert [(r["epoch"], r["step"]) for r in rows if r["kind"] == "eval"][0] == (1, 2)
+    assert _train_steps(run) == [1, 2, 3]
 
 
 def test_sigterm_during_the_final_evaluation_exits_143_and_resume_finishes(cifar_tiny_tar, cache, tmp_path, capsys,
@@ -296,14 +295,14 @@ def test_sigusr1_during_a_checkpoint_write_exits_143_after_that_save(cifar_tiny_
 
     def save(state, d, step, keep=2):
         saves.append(step)
-        if step == STEPS_PER_EPOCH:
+        if step == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
         return orig(state, d, step, keep)
 
     monkeypatch.setattr(ckpt, "save_checkpoint", save)
-    rc, out, err = _main(_args(cifar_tiny_tar, run, cache, 8, ckpt__every_steps=1000), capsys)
+    rc, out, err = _main(_args(cifar_tiny_tar, run, cache, 8, data__train_subset=8, ckpt__every_steps=1000), capsys)
     assert rc == 143, err[-3000:]
-    assert saves == [4] and _train_steps(run) == [1, 2, 3, 4]  # the epoch-end save, then out; nothing saved twice
+    assert saves == [2] and _train_steps(run) == [1, 2]  # the epoch-end save (2-step epochs), then out; no second save
 
 
 # ----------------------------------------------------------------------------- exit codes, config values
