@@ -303,7 +303,7 @@ def test_too_many_bad_files_fail_the_run_with_one_line_naming_scan(bad_tree, tmp
 
 
 def test_too_many_bad_files_exit_4_under_train_py_s_policy(tmp_path):
-    faults = pytest.importorskip("vssl_fast.faults", reason="train.py's exit codes (issue 17) are not in this tree")
+    from vssl_fast import faults
     from vssl_fast.data.folder import BadDataError
 
     e = BadDataError("3 of 27 image files in /x are bad; list them with `python -m vssl_fast.data scan /x`")

@@ -34,8 +34,9 @@ decodes each batch with nvJPEG on the GPU, where both views are cropped and augm
 generators seeded per sample. A file that passes the check but fails to decode is skipped where
 it is met (the next file takes its place), counted in the main process, logged once.
 The log says which path runs and why. Validation and the kNN bank: resize 256 (bilinear, as
-solo-learn's torchvision validation transform), centre crop 224; ``eval.knn_train_subset`` draws
-the bank as a fixed stratified random sample of the train folder.
+solo-learn's torchvision validation transform), centre crop 224, at ``data.crop_size`` 224 (other
+crops resize in proportion: 32 -> 37); ``data.workers`` workers, else min(4, cores);
+``eval.knn_train_subset`` draws the bank as a fixed stratified random sample of the train folder.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import numpy as np
 import torch
 
 from vssl_fast.data.augment import MEANS_STDS, ViewSpec, view_specs
+from vssl_fast.faults import DataError
 
 log = logging.getLogger("vssl_fast")
 
@@ -91,13 +93,7 @@ def default_workers(configured: int, cap: int = 0) -> int:
 
 
 # ----------------------------------------------------------------------------- bad files
-try:  # the exit-code policy of train.py (issue 17): a data failure prints its one line and exits 4
-    from vssl_fast.faults import DataError as _DataFailure
-except ImportError:  # a tree without vssl_fast.faults: a plain RuntimeError (DataError is one too)
-    _DataFailure = RuntimeError
-
-
-class BadDataError(_DataFailure):
+class BadDataError(DataError):  # train.py (vssl_fast.faults) prints its one line and exits 4
     """Too many bad image files, or a file DALI could not decode; the message names the folder and ``scan``."""
 
 
