@@ -41,7 +41,17 @@ def _cpu_references(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("VSSL_DEBUG", raising=False)
     yield
+    _restore_process_state()
+
+
+def _restore_process_state():
+    """What an in-process run leaves behind: its signal handlers and the package logger's handlers."""
     faults.restore_signals()
+    log = logging.getLogger("vssl_fast")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    log.propagate, log.level = True, logging.NOTSET
 
 
 def _args(data, run, cache, steps, *extra, **kw):
@@ -80,7 +90,7 @@ def run0(cifar_tiny_tar, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("TRITON_INTERPRET", raising=False)
         rc = train.main(_args(cifar_tiny_tar, d / "run", d / "cache", 4))
-    faults.restore_signals()
+    _restore_process_state()
     assert rc == 0
     return d / "run", cifar_tiny_tar, d / "cache"
 
