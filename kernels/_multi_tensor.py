@@ -4,8 +4,13 @@ A multi-tensor launch sweeps many tensors in one grid. Program ``i`` handles ele
 ``[blk_start[i], blk_start[i] + BLOCK)`` of tensor ``blk_tensor[i]``; per-tensor pointers come
 from int64 tables. Tables of parameters and optimizer state never change after the first step
 and are cached; gradient pointers change whenever ``zero_grad(set_to_none=True)`` frees them,
-so their table is rebuilt every step and sent with a pinned, non-blocking copy (a pageable
+so their table is rebuilt when they moved and sent with a pinned, non-blocking copy (a pageable
 host-to-device copy would synchronize the stream).
+
+Layouts: every tensor is swept as its storage span ``[data_ptr, data_ptr + numel)``, which is
+exact for any dense, non-overlapping layout (contiguous, channels-last, ...). Element ``k`` of the
+span is the same logical element in a parameter, its gradient and its state as long as all three
+share strides; ``check_span_layout`` enforces that and ``match_layout_`` re-lays state once.
 
 Norms are deterministic: each program writes the partial sum of its block, then one program per
 tensor adds its blocks' partials in a fixed order (no atomics), so a resumed run reproduces an
@@ -18,8 +23,18 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 4096  # elements per program: 15.4M params -> ~3.8k programs for 132 SMs; untuned on GPU yet
+BLOCK = 4096  # elements per program on CUDA: 15.4M params -> ~3.8k programs for 132 SMs; untuned on GPU yet
+# Under TRITON_INTERPRET=1 a program costs Python overhead whatever its size, so CPU runs take
+# large blocks (a channels-last ResNet-18 launch: ~230 programs instead of ~2,800; measured
+# 11 s vs 20 s per LARS step at 1 << 18, per-element cost rising past that). Tests lower it
+# to cover many blocks per tensor on small shapes.
+INTERPRETER_BLOCK = 1 << 16
 _MAX_BLOCKS_PER_TENSOR = 1 << 20
+
+
+def block_size(device: torch.device) -> int:
+    """Elements per program for a multi-tensor launch on ``device``."""
+    return BLOCK if device.type == "cuda" else INTERPRETER_BLOCK
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -36,15 +51,16 @@ class BlockMap:
     """Static block map and per-tensor tables for an ordered list of same-dtype tensors."""
 
     def __init__(self, tensors: list[torch.Tensor], device: torch.device):
+        self.block = block = block_size(device)
         self.sizes_list = [t.numel() for t in tensors]
         blk_tensor, blk_start, first = [], [], []
         for i, n in enumerate(self.sizes_list):
             first.append(len(blk_tensor))
-            nb = max(1, triton.cdiv(n, BLOCK))
+            nb = max(1, triton.cdiv(n, block))
             if nb > _MAX_BLOCKS_PER_TENSOR:
-                raise ValueError(f"tensor {i} has {n} elements; at most {_MAX_BLOCKS_PER_TENSOR * BLOCK} are supported")
+                raise ValueError(f"tensor {i} has {n} elements; at most {_MAX_BLOCKS_PER_TENSOR * block} are supported")
             blk_tensor += [i] * nb
-            blk_start += [j * BLOCK for j in range(nb)]
+            blk_start += [j * block for j in range(nb)]
         first.append(len(blk_tensor))
         self.num_tensors = len(tensors)
         self.num_blocks = len(blk_tensor)
@@ -56,8 +72,69 @@ class BlockMap:
         self.max_blocks = max(b - a for a, b in zip(first[:-1], first[1:]))
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """Dense and non-overlapping in *some* dimension order (contiguous, channels-last, any permutation).
+
+    Such a tensor fills ``[data_ptr, data_ptr + numel * itemsize)`` exactly, so a kernel can sweep
+    its storage span as a flat array whatever the layout.
+    """
+    if t.numel() <= 1:
+        return True
+    expect = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and the same strides on every dimension of size > 1: span element k is the same index."""
+    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+
+def check_span_layout(who: str, index: int, p: torch.Tensor, others: dict) -> None:
+    """Raise a clear error unless ``p`` is dense and every tensor in ``others`` shares its layout.
+
+    Called for every tensor before a fused step writes anything. ``index`` is the parameter's
+    position in the optimizer's (or EMA's) flattened list.
+    """
+    if not is_dense(p):
+        raise RuntimeError(f"{who}: parameter {index} (shape {tuple(p.shape)}, strides {p.stride()}) is not dense "
+                           "and non-overlapping; the fused kernels sweep each tensor's storage span")
+    for name, t in others.items():
+        if not same_layout(p, t):
+            raise RuntimeError(f"{who}: parameter {index} (shape {tuple(p.shape)}, strides {p.stride()}): its {name} "
+                               f"has shape {tuple(t.shape)}, strides {t.stride()}; the fused kernels need the "
+                               "same layout as the parameter")
+
+
+def match_layout_(state: dict, key: str, p: torch.Tensor) -> torch.Tensor:
+    """Optimizer state in its parameter's layout (a one-time re-layout after, e.g., loading a
+    contiguous checkpoint into a channels-last model); values are unchanged."""
+    t = state[key]
+    if not same_layout(p, t):
+        new = torch.empty_like(p, dtype=t.dtype)  # preserve_format: p's strides
+        new.copy_(t)
+        state[key] = t = new
+    return t
+
+
 def ptr_table(tensors: list[torch.Tensor], device) -> torch.Tensor:
     return device_int_tensor([t.data_ptr() for t in tensors], device)
+
+
+def grad_table(tab: dict, params: list[torch.Tensor], device) -> torch.Tensor:
+    """The gradient pointer table, rebuilt only when a gradient moved.
+
+    With persistent gradients (``zero_grad(set_to_none=False)``, as the product's step does) the
+    pointers never change and no table is sent after the first step; with ``set_to_none=True``
+    each step's fresh gradients need a new table (one small pinned copy).
+    """
+    ptrs = tuple(p.grad.data_ptr() for p in params)
+    if tab.get("g_key") != ptrs:
+        tab["g_key"], tab["g"] = ptrs, device_int_tensor(list(ptrs), device)
+    return tab["g"]
 
 
 @triton.jit
@@ -104,7 +181,7 @@ def per_tensor_sumsq(bm: BlockMap, a_ptrs, b_ptrs, dtype_a, dtype_b, device):
     part_a = torch.empty(bm.num_blocks, device=device, dtype=torch.float32)
     part_b = torch.empty(bm.num_blocks, device=device, dtype=torch.float32)
     _sumsq_partials_kernel[(bm.num_blocks,)](a_ptrs, b_ptrs, bm.blk_tensor, bm.blk_start, bm.sizes, part_a, part_b,
-                                             DTYPE_A=TL_DTYPES[dtype_a], DTYPE_B=TL_DTYPES[dtype_b], BLOCK=BLOCK)
+                                             DTYPE_A=TL_DTYPES[dtype_a], DTYPE_B=TL_DTYPES[dtype_b], BLOCK=bm.block)
     return reduce_partials(bm, part_a, device), reduce_partials(bm, part_b, device)
 
 

@@ -19,10 +19,9 @@ import triton
 import triton.language as tl
 
 from ._common import require_triton, triton_available
+from ._multi_tensor import TL_DTYPES, BlockMap, check_span_layout, ptr_table
 
 __all__ = ["ema_update_", "ema_update_reference_", "ema_update_loop_"]
-
-_BLOCK = 4096  # elements per program; 15.4M params -> ~3.8k programs, enough to fill 132 SMs
 
 
 @triton.jit
@@ -49,7 +48,6 @@ def _ema_fwd_kernel(t_ptrs, s_ptrs, sizes, blk_tensor, blk_start, tau_ptr, tau_v
     tl.store(tp + offs, out.to(DTYPE), mask=mask)
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _TABLES: dict = {}
 
 
@@ -68,21 +66,13 @@ def _check_lists(fn, teacher, student):
 
 
 def _tables(teacher, student, device):
+    """(block map, teacher pointers, student pointers), built once per tensor list and cached."""
     key = tuple((t.data_ptr(), s.data_ptr(), t.numel()) for t, s in zip(teacher, student))
     tab = _TABLES.get(key)
     if tab is None:
-        sizes = [t.numel() for t in teacher]
-        blk_tensor, blk_start = [], []
-        for i, n in enumerate(sizes):
-            for start in range(0, n, _BLOCK):
-                blk_tensor.append(i)
-                blk_start.append(start)
-        mk = lambda xs, dt: torch.tensor(xs, dtype=dt, device=device)  # noqa: E731
-        tab = (mk([t.data_ptr() for t in teacher], torch.int64), mk([s.data_ptr() for s in student], torch.int64),
-               mk(sizes, torch.int64), mk(blk_tensor, torch.int32), mk(blk_start, torch.int64), len(blk_tensor))
         if len(_TABLES) > 64:
             _TABLES.clear()
-        _TABLES[key] = tab
+        tab = _TABLES[key] = (BlockMap(teacher, device), ptr_table(teacher, device), ptr_table(student, device))
     return tab
 
 
@@ -92,7 +82,9 @@ def ema_update_(teacher, student, tau, impl: str = "auto") -> None:
 
     ``tau``: a Python float or a 0-d tensor on the parameters' device (read in the kernel: no
     host sync and no recompilation when it changes). ``impl``: 'auto' (Triton where it can run,
-    else ``_foreach_lerp_``), 'triton', or 'reference'. Tensors must be contiguous for 'triton'.
+    else ``_foreach_lerp_``), 'triton', or 'reference'. Any dense, non-overlapping layout works
+    (channels-last included: each tensor is swept as its storage span) as long as teacher and
+    student tensor share strides; otherwise a clear error names the tensor before anything is written.
     """
     teacher, student = _check_lists("ema_update_", teacher, student)
     if not teacher:
@@ -103,12 +95,11 @@ def ema_update_(teacher, student, tau, impl: str = "auto") -> None:
     use = impl == "triton" or (impl == "auto" and triton_available(device))
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"ema_update_: impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-    if not use or any(not (t.is_contiguous() and s.is_contiguous()) for t, s in zip(teacher, student)):
-        if impl == "triton":
-            require_triton("ema_update_", device)
-            raise ValueError("ema_update_: impl='triton' needs contiguous tensors")
+    if not use:
         return ema_update_reference_(teacher, student, tau)
     require_triton("ema_update_", device)
+    for i, (t, s) in enumerate(zip(teacher, student)):  # before anything is written
+        check_span_layout("ema_update_", i, t, {"student tensor": s})
     groups: dict = {}
     for t, s in zip(teacher, student):
         groups.setdefault(t.dtype, ([], []))
@@ -117,12 +108,13 @@ def ema_update_(teacher, student, tau, impl: str = "auto") -> None:
     tau_is_ptr = isinstance(tau, torch.Tensor)
     tau_t = tau.reshape(()).to(device=device) if tau_is_ptr else teacher[0]
     for dt, (ts, ss) in groups.items():
-        if dt not in _TL_DTYPES:
+        if dt not in TL_DTYPES:
             ema_update_reference_(ts, ss, tau)
             continue
-        t_ptrs, s_ptrs, sizes, blk_t, blk_s, nblk = _tables(ts, ss, device)
-        _ema_fwd_kernel[(nblk,)](t_ptrs, s_ptrs, sizes, blk_t, blk_s, tau_t, 0.0 if tau_is_ptr else float(tau),
-                                 TAU_IS_PTR=tau_is_ptr, DTYPE=_TL_DTYPES[dt], BLOCK=_BLOCK)
+        bm, t_ptrs, s_ptrs = _tables(ts, ss, device)
+        _ema_fwd_kernel[(bm.num_blocks,)](t_ptrs, s_ptrs, bm.sizes, bm.blk_tensor, bm.blk_start, tau_t,
+                                          0.0 if tau_is_ptr else float(tau), TAU_IS_PTR=tau_is_ptr,
+                                          DTYPE=TL_DTYPES[dt], BLOCK=bm.block)
 
 
 @torch.no_grad()

@@ -28,11 +28,14 @@ import triton.language as tl
 
 from ._common import require_triton, run_closure, triton_available
 from ._multi_tensor import (
-    BLOCK,
     TL_DTYPES,
     BlockMap,
     _block_coords,
     _load_block,
+    check_span_layout,
+    device_int_tensor,
+    grad_table,
+    match_layout_,
     per_tensor_sumsq,
     ptr_table,
     reduce_partials,
@@ -219,6 +222,8 @@ class FusedLAMB(_LAMBBase):
     ``step(closure=None, *, skip=None)``: ``skip`` is an optional one-element device tensor;
     nonzero makes the step a no-op for parameters, moments and step counters. On a device where
     Triton cannot run (CPU without TRITON_INTERPRET=1) it falls back to ``LAMBReference``'s math.
+    Parameters may have any dense, non-overlapping layout (channels-last included); gradient and
+    moments share the parameter's strides (checked before anything is written).
     """
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
@@ -253,7 +258,7 @@ class FusedLAMB(_LAMBBase):
                 offs.append(acc)
                 acc += n
             tab = dict(bm=bm, p=ptr_table(ps, device), m=ptr_table(ms, device), v=ptr_table(vs, device),
-                       ws_off=torch.tensor(offs, dtype=torch.int64).to(device),
+                       ws_off=device_int_tensor(offs, device),
                        ws=torch.empty(max(acc, 1), dtype=torch.float32, device=device))
             self._cache[key] = tab
         return tab
@@ -268,14 +273,19 @@ class FusedLAMB(_LAMBBase):
         if not triton_available(device):
             return self._fallback(skip, loss)
         require_triton("FusedLAMB.step", device)
+        # every check before anything is written
+        index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
+        for p in params:
+            check_span_layout("FusedLAMB", index[p], p, {"gradient": p.grad})
         flag, _ = skip_flag(skip, device)
         for p in params:
             st = self.state[p]
-            if not st:
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            if not (p.is_contiguous() and p.grad.is_contiguous()):
-                raise RuntimeError("FusedLAMB needs contiguous parameters and gradients")
+            if not st:  # preserve_format: moments in the parameter's layout
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+            else:
+                match_layout_(st, "exp_avg", p)
+                match_layout_(st, "exp_avg_sq", p)
 
         # 1) per-tensor sum of squares of grads and params, per (group, dtype) list
         lists = []
@@ -285,11 +295,11 @@ class FusedLAMB(_LAMBBase):
                 if p.grad is not None:
                     by_dtype.setdefault(p.dtype, []).append(p)
             for dt, ps in by_dtype.items():
-                key = (gi, dt, tuple(p.data_ptr() for p in ps))
                 ms = [self.state[p]["exp_avg"] for p in ps]
                 vs = [self.state[p]["exp_avg_sq"] for p in ps]
+                key = (gi, dt, tuple(t.data_ptr() for t in ps + ms + vs))
                 tab = self._static(key, ps, ms, vs, device)
-                g_ptrs = ptr_table([p.grad for p in ps], device)
+                g_ptrs = grad_table(tab, ps, device)
                 gsq, psq = per_tensor_sumsq(tab["bm"], g_ptrs, tab["p"], dt, dt, device)
                 lists.append((group, dt, tab, g_ptrs, gsq, psq))
 
@@ -318,14 +328,14 @@ class FusedLAMB(_LAMBBase):
                     g_ptrs, tab["p"], tab["m"], tab["v"], tab["ws"], tab["ws_off"], bm.blk_tensor, bm.blk_start, bm.sizes,
                     part_u, clip, step_t, flag, _f32(b1), _f32(b2), float(beta3), float(group["eps"]),
                     float(group["weight_decay"]), BIAS_CORRECTION=bool(group["bias_correction"]),
-                    ADAM_W=bool(self.adam_w_mode), DTYPE=TL_DTYPES[dt], BLOCK=BLOCK)
+                    ADAM_W=bool(self.adam_w_mode), DTYPE=TL_DTYPES[dt], BLOCK=bm.block)
                 usq = reduce_partials(bm, part_u, device)
                 # only the group's last launch advances the counter
                 last = i == len(items) - 1
                 _lamb_stage2_kernel[(bm.num_blocks,)](
                     tab["p"], tab["ws"], tab["ws_off"], bm.blk_tensor, bm.blk_start, bm.sizes, psq, usq,
                     step_t if last else step_t.clone(), flag, float(group["lr"]), float(group["weight_decay"]),
-                    USE_NVLAMB=bool(self.use_nvlamb), DTYPE=TL_DTYPES[dt], BLOCK=BLOCK)
+                    USE_NVLAMB=bool(self.use_nvlamb), DTYPE=TL_DTYPES[dt], BLOCK=bm.block)
         return loss
 
     def _fallback(self, skip, loss):

@@ -21,12 +21,14 @@ import triton.language as tl
 
 from ._common import run_closure, triton_available
 from ._multi_tensor import (
-    BLOCK,
     TL_DTYPES,
     BlockMap,
     _block_coords,
     _load_block,
+    check_span_layout,
     device_int_tensor,
+    grad_table,
+    match_layout_,
     per_tensor_sumsq,
     ptr_table,
     skip_flag,
@@ -113,7 +115,11 @@ class LARSReference(_LARSBase):
 class FusedLARS(_LARSBase):
     """Multi-tensor LARS (no host syncs). ``step(closure=None, *, skip=None)``: nonzero ``skip`` = no-op.
 
-    Momentum buffers start at zero (``0.9 * 0 + d == d`` exactly, the reference's first clone).
+    Momentum buffers start at zero (``0.9 * 0 + d == d`` exactly, the reference's first clone) in
+    their parameter's layout. Parameters may have any dense, non-overlapping layout (channels-last
+    conv weights included): the kernels sweep each tensor's storage span, so parameter, gradient and
+    buffer only need the same strides; anything else is an error naming the parameter, raised
+    before anything is written.
     On a device where Triton cannot run it falls back to the reference.
     """
 
@@ -135,33 +141,42 @@ class FusedLARS(_LARSBase):
         if not triton_available(device):
             LARSReference.step(self, skip=skip)
             return loss
-        flag, _ = skip_flag(skip, device)
+        # every check before anything is written
+        lists = []
+        index = 0
         for gi, group in enumerate(self.param_groups):
             by_dtype: dict = {}
             for p in group["params"]:
+                index += 1
                 if p.grad is None:
                     continue
                 if p.dtype not in TL_DTYPES:
-                    raise RuntimeError(f"FusedLARS supports float32, float16 and bfloat16 parameters, got {p.dtype}")
-                if not (p.is_contiguous() and p.grad.is_contiguous()):
-                    raise RuntimeError("FusedLARS needs contiguous parameters and gradients")
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    raise RuntimeError(f"FusedLARS supports float32, float16 and bfloat16 parameters, got {p.dtype} "
+                                       f"(parameter {index - 1})")
+                check_span_layout("FusedLARS", index - 1, p, {"gradient": p.grad})
                 by_dtype.setdefault(p.dtype, []).append(p)
-            for dt, ps in by_dtype.items():
-                key = (gi, dt, tuple(p.data_ptr() for p in ps))
-                tab = self._cache.get(key)
-                if tab is None:
-                    excl = [int(p.ndim == 1 and group["exclude_bias_n_norm"]) for p in ps]
-                    tab = dict(bm=BlockMap(ps, device), p=ptr_table(ps, device),
-                               excl=device_int_tensor(excl, device, torch.int32),
-                               buf=ptr_table([self.state[p]["momentum_buffer"] for p in ps], device))
-                    self._cache[key] = tab
-                bm = tab["bm"]
-                g_ptrs = ptr_table([p.grad for p in ps], device)
-                gsq, psq = per_tensor_sumsq(bm, g_ptrs, tab["p"], dt, dt, device)
-                _lars_kernel[(bm.num_blocks,)](
-                    g_ptrs, tab["p"], tab["buf"], bm.blk_tensor, bm.blk_start, bm.sizes, psq, gsq, tab["excl"], flag,
-                    float(group["lr"]), float(group["weight_decay"]), float(group["eta"]), float(group["eps"]),
-                    float(group["momentum"]), CLIP_LR=bool(group["clip_lr"]), DTYPE=TL_DTYPES[dt], BLOCK=BLOCK)
+            lists += [(gi, group, dt, ps) for dt, ps in by_dtype.items()]
+        flag, _ = skip_flag(skip, device)
+        for gi, group, dt, ps in lists:
+            for p in ps:
+                st = self.state[p]
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(p)  # preserve_format: the parameter's layout
+                else:
+                    match_layout_(st, "momentum_buffer", p)
+            key = (gi, dt, tuple(p.data_ptr() for p in ps), tuple(self.state[p]["momentum_buffer"].data_ptr() for p in ps))
+            tab = self._cache.get(key)
+            if tab is None:
+                excl = [int(p.ndim == 1 and group["exclude_bias_n_norm"]) for p in ps]
+                tab = dict(bm=BlockMap(ps, device), p=ptr_table(ps, device),
+                           excl=device_int_tensor(excl, device, torch.int32),
+                           buf=ptr_table([self.state[p]["momentum_buffer"] for p in ps], device))
+                self._cache[key] = tab
+            bm = tab["bm"]
+            g_ptrs = grad_table(tab, ps, device)
+            gsq, psq = per_tensor_sumsq(bm, g_ptrs, tab["p"], dt, dt, device)
+            _lars_kernel[(bm.num_blocks,)](
+                g_ptrs, tab["p"], tab["buf"], bm.blk_tensor, bm.blk_start, bm.sizes, psq, gsq, tab["excl"], flag,
+                float(group["lr"]), float(group["weight_decay"]), float(group["eta"]), float(group["eps"]),
+                float(group["momentum"]), CLIP_LR=bool(group["clip_lr"]), DTYPE=TL_DTYPES[dt], BLOCK=bm.block)
         return loss
