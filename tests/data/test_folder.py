@@ -50,7 +50,8 @@ def small_tree(jpeg_tree, tmp_path_factory):
         for cls in sorted(p.name for p in (jpeg_tree / split).iterdir())[:3]:
             (root / split / cls).mkdir(parents=True)
             files = sorted((jpeg_tree / split / cls).iterdir())
-            for f in [f for f in files if not f.name.startswith("big")][:n] + [f for f in files if f.name.startswith("big")][: n // 3]:
+            small = [f for f in files if not f.name.startswith("big")][:n]
+            for f in small + [f for f in files if f.name.startswith("big")][: n // 3]:
                 shutil.copy(f, root / split / cls / f.name)
     return root
 
@@ -198,6 +199,42 @@ def test_dali_resume_far_into_a_run_costs_no_replay(small_tree, tmp_path):
         __import__("vssl_fast.data.loader", fromlist=["x"]).epoch_indices(24, 1, 3000, 6, 1, 4, 0)[s].numpy()
         for s in (4, 5)])]
     assert torch.cat([y for _, _, y in got]).tolist() == src_labels.tolist()
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_ranks_read_disjoint_shards_with_their_own_augmentations(small_tree, tmp_path, kind):
+    r0, r1 = (_make_loader(kind, small_tree / "train", bs=4, rank=r, world=2, cache_dir=tmp_path) for r in (0, 1))
+    assert len(r0) == len(r1) == 24 // 8
+    from vssl_fast.data.loader import epoch_indices
+
+    idx = [epoch_indices(24, 1, 0, 3, 2, 4, r).reshape(-1).tolist() for r in (0, 1)]
+    assert not set(idx[0]) & set(idx[1])
+    b0, b1 = list(r0), list(r1)
+    labels = r0.samples.labels
+    assert torch.cat([y for _, _, y in b0]).tolist() == labels[idx[0]].tolist()
+    assert torch.cat([y for _, _, y in b1]).tolist() == labels[idx[1]].tolist()
+    assert not torch.equal(b0[0][0], b1[0][0])
+
+
+def test_dali_crop_boxes_follow_torchvision_s_rules():
+    """Boxes inside the image; area share within scale and aspect within ratio, up to rounding, or the
+    centred fallback; the same draws give the same boxes."""
+    from vssl_fast.data.folder import _rrc_boxes
+
+    rng = np.random.default_rng(0)
+    H = rng.integers(8, 600, 2000).astype(np.float64)
+    W = np.where(rng.random(2000) < 0.1, H * 5, rng.integers(8, 600, 2000)).astype(np.float64)  # some very wide
+    top, left, h, w = _rrc_boxes(H, W, (0.08, 1.0), (3 / 4, 4 / 3), np.random.default_rng(1))
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
+    assert (h >= 1).all() and (w >= 1).all()
+    fallback = (top == (H - h) // 2) & (left == (W - w) // 2) & ((h == H) | (w == W))
+    area, aspect = h * w / (H * W), w / h
+    tol = 2.5 / np.minimum(h, w)  # rounding each side to whole pixels
+    ok = (area >= 0.08 - 2 * tol) & (area <= 1 + 1e-9) & (aspect >= 0.75 - tol) & (aspect <= 4 / 3 + tol)
+    assert (ok | fallback).all() and fallback.any()
+    assert ((aspect[fallback] >= 0.75 - tol[fallback]) & (aspect[fallback] <= 4 / 3 + tol[fallback])).all()
+    again = _rrc_boxes(H, W, (0.08, 1.0), (3 / 4, 4 / 3), np.random.default_rng(1))
+    assert all(np.array_equal(a, b) for a, b in zip((top, left, h, w), again))
 
 
 def test_dali_and_torchvision_read_the_same_samples_in_the_same_order(small_tree, tmp_path):
