@@ -5,11 +5,17 @@ from pathlib import Path
 import pytest
 import torch
 
-# Triton kernels run on CPU tensors under the interpreter; set before triton is imported anywhere.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
 HAS_CUDA = torch.cuda.is_available()
+
+# Without CUDA the Triton kernels run on CPU tensors under the interpreter (set before triton is
+# imported anywhere). With CUDA the compiled kernels are what the tests check: the interpreter on
+# CUDA tensors dereferences device pointers from the pointer tables on the host and crashes.
+if HAS_CUDA:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise pytest.UsageError("TRITON_INTERPRET is set on a CUDA machine: unset it so the kernel tests run compiled")
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,7 +18,9 @@ def softplus_b(x, b):
 @pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("fn,beta", [(L.cosine_kl, 3.0), (L.cosine_ll, 1.0), (L.cosine_kl, 1.5)])
 def test_cosine_gradcheck(fn, beta, regime):
-    ins = [t.requires_grad_() for t in make_inputs(regime, 3, 7, seed=hash(regime) % 1000)]
+    # an explicit seed per regime (hash() of a string changes per process); these tolerances were
+    # checked to hold for seeds 0-39 of every regime and loss (tests/helpers.py inputs)
+    ins = [t.requires_grad_() for t in make_inputs(regime, 3, 7, seed=REGIMES.index(regime))]
     f = lambda *a: fn(*a, beta=beta)  # noqa: E731
     assert gradcheck(f, ins, eps=1e-6, atol=1e-5, rtol=1e-4)
     assert gradgradcheck(f, ins, eps=1e-6, atol=1e-4, rtol=1e-3)

@@ -41,30 +41,56 @@ def test_fused_and_reference_same_loss_and_grads(flags, kernel_device):
         torch.testing.assert_close(fg[n], rg[n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def _train(model, impl, kernel_device, B, d, steps=20, follow=None, keep=False):
+    """SGD-momentum steps on one batch; with ``follow`` (a list of state dicts), each step starts
+    from that trajectory's parameters (teacher forcing), so round-off cannot accumulate."""
+    x1, x2, y = (t.to(kernel_device) for t in _batch(B))
+    cfg = MethodConfig(proj_output_dim=d, impl=impl)
+    opt = torch.optim.SGD([p for g in model.parameter_groups(0.05, 0, 0.05) for p in g["params"]], lr=0.05, momentum=0.9)
+    losses, states = [], []
+    for step in range(steps):
+        if follow is not None:
+            model.load_state_dict(follow[step][0])
+            opt.load_state_dict(follow[step][1])
+        if keep:
+            states.append((copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())))
+        eps = K.sample_noise(step, (2 * B, d), kernel_device)
+        out = compute_loss(model, x1, x2, y, cfg, seed=step, eps=eps)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        model.ema_update(0.99, impl="reference")
+        losses.append(out.parts["loss"].item())
+    return torch.tensor(losses, dtype=torch.float64), states
+
+
 def test_fused_and_reference_train_alike(kernel_device):
-    """Convergence guard: 30 SGD steps, fused vs reference with the same per-step noise."""
+    """Convergence guard: 20 SGD-momentum steps, fused vs reference with the same per-step noise.
+
+    Per step (teacher-forced: the fused step starts from the reference trajectory's parameters)
+    the losses agree to fp32 round-off. Run free, momentum steps amplify that round-off by
+    a machine-dependent amount (0.95% after 30 steps on one CPU, 7 of 30 losses past 1e-3), so the free curves are
+    compared against the measured spread of two fp32 reference runs whose starts differ by one
+    rounding, with a floor of 2% of the loss drop.
+    """
     torch.manual_seed(1)
     B, d = 8, 4
     base = tiny_model(MethodConfig(proj_output_dim=d)).to(kernel_device)
-    x1, x2, y = (t.to(kernel_device) for t in _batch(B))
-    curves = {}
-    for impl in ("fused", "reference"):
-        model = copy.deepcopy(base)
-        cfg = MethodConfig(proj_output_dim=d, impl=impl)
-        opt = torch.optim.SGD([p for g in model.parameter_groups(0.05, 0, 0.05) for p in g["params"]], lr=0.05, momentum=0.9)
-        losses = []
-        for step in range(30):
-            eps = K.sample_noise(step, (2 * B, d), kernel_device)
-            out = compute_loss(model, x1, x2, y, cfg, seed=step, eps=eps)
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            model.ema_update(0.99, impl="reference")
-            losses.append(out.parts["loss"].item())
-        curves[impl] = torch.tensor(losses)
-    assert curves["fused"][-1] < curves["fused"][0]
-    # fp32 round-off differences grow slowly through 30 momentum steps; 1e-3 relative is far below the loss drop
-    torch.testing.assert_close(curves["fused"], curves["reference"], rtol=1e-3, atol=1e-4)
+    ref, ref_states = _train(copy.deepcopy(base), "reference", kernel_device, B, d, keep=True)
+    forced, _ = _train(copy.deepcopy(base), "fused", kernel_device, B, d, follow=ref_states)
+    torch.testing.assert_close(forced, ref, rtol=2e-5, atol=1e-6)
+
+    fused, _ = _train(copy.deepcopy(base), "fused", kernel_device, B, d)
+    nudged = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in nudged.parameters():  # one fp32 rounding away from the start
+            p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
+    spread = (_train(nudged, "reference", kernel_device, B, d)[0] - ref).abs()
+    drop = float(ref[0] - ref.min())
+    assert fused[-1] < fused[0] - 0.5 * drop
+    tol = torch.maximum(4 * torch.cummax(spread, 0).values, torch.full_like(ref, 0.02 * drop))
+    bad = ((fused - ref).abs() > tol).nonzero().flatten().tolist()
+    assert not bad, f"steps {bad}: |fused - ref| {(fused - ref).abs()[bad].tolist()} > tol {tol[bad].tolist()}"
 
 
 def test_auto_uses_reference_for_gaussian_and_on_cpu_without_cuda():
