@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import bench_device, env_info, header, markdown_table, write_results
+from bench.common import RowSink, bench_device, env_info, header, markdown_table
 from vssl_fast.data.augment import view_specs
 
 
@@ -67,11 +67,19 @@ def _time_loader(make, steps, batch):
     return done / dt
 
 
-def run(tiny: bool, jpeg_dir: Path, device) -> list[dict]:
+def run(tiny: bool, jpeg_dir: Path, device, emit=None) -> list[dict]:
+    """Every path's img/s; the CPU DataLoader baseline is measured before the paths compared with
+    it, so each row goes to ``emit`` complete as soon as it is measured."""
     from vssl_fast.data.folder import NvjpegTwoViewLoader, TorchvisionTwoViewLoader, dali_available
     from vssl_fast.data.loader import DeviceTwoViewLoader
 
     rows = []
+
+    def add(**row):
+        rows.append(row)
+        if emit is not None:
+            emit(row)
+
     cores = os.cpu_count() or 1
     # --- GPU-resident CIFAR
     n, bs, steps = (512, 64, 3) if tiny else (50_000, 512, 50)
@@ -80,32 +88,34 @@ def run(tiny: bool, jpeg_dir: Path, device) -> list[dict]:
     specs = view_specs("cifar10")
     ips = _time_loader(lambda: DeviceTwoViewLoader(x, y, bs, specs, 0, out_dtype=torch.bfloat16 if device.type == "cuda"
                                                    else torch.float32), steps, bs)
-    rows.append(dict(path="cifar_device", crop=32, batch=bs, img_per_s=ips, note=f"on {device.type}"))
+    add(path="cifar_device", crop=32, batch=bs, img_per_s=ips, note=f"on {device.type}")
     # --- ImageNet-style JPEGs
     nj, bsj, stj = (32, 8, 2) if tiny else (4096, 256, 12)
+    t0 = time.perf_counter()
     train = make_jpegs(jpeg_dir, nj)
     sz = sum(p.stat().st_size for p in train.rglob("*.jpg")) / nj / 1024
     crop = 64 if tiny else 224
     ispecs = view_specs("imagenet", "asymmetric", crop)
+    mk = lambda: TorchvisionTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, cores, False, torch.float32)  # noqa: E731
+    base = _time_loader(mk, stj, bsj)
+    add(path="torchvision_cpu_baseline", crop=crop, batch=bsj, img_per_s=base, x_cpu_baseline=1.0,
+        note=f"{cores} workers, PIL; {nj} JPEGs of {sz:.0f} KB made in {time.perf_counter() - t0:.0f} s")
     ok, why = dali_available()
     if ok:
         from vssl_fast.data.folder import DaliTwoViewLoader
 
-        mk = lambda: DaliTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, False, torch.float32)  # noqa: E731
-        rows.append(dict(path="dali", crop=crop, batch=bsj, img_per_s=_time_loader(mk, stj, bsj),
-                         note=("GPU mixed decode" if device.type == "cuda" else "CPU-only") + f", {sz:.0f} KB JPEGs"))
+        workers = min(4, cores) if device.type == "cuda" else 0  # the trainer's default reader processes
+        mk = lambda: DaliTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, False, torch.float32,  # noqa: E731
+                                       workers=workers)
+        ips = _time_loader(mk, stj, bsj)
+        add(path="dali", crop=crop, batch=bsj, img_per_s=ips, x_cpu_baseline=ips / base,
+            note=("GPU mixed decode" if device.type == "cuda" else "CPU-only") + f", {sz:.0f} KB JPEGs, {workers} readers")
     else:
-        rows.append(dict(path="dali", crop=crop, batch=bsj, img_per_s=None, note=f"not measured: {why}"))
+        add(path="dali", crop=crop, batch=bsj, img_per_s=None, note=f"not measured: {why}")
     mk = lambda: NvjpegTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, min(cores, 8), False, torch.float32)  # noqa: E731
-    rows.append(dict(path="torchvision_nvjpeg" if device.type == "cuda" else "torchvision_decode_jpeg_cpu", crop=crop,
-                     batch=bsj, img_per_s=_time_loader(mk, stj, bsj), note=f"{min(cores, 8)} byte-reading workers"))
-    mk = lambda: TorchvisionTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, cores, False, torch.float32)  # noqa: E731
-    rows.append(dict(path="torchvision_cpu_baseline", crop=crop, batch=bsj, img_per_s=_time_loader(mk, stj, bsj),
-                     note=f"{cores} workers, PIL"))
-    base = rows[-1]["img_per_s"]
-    for r in rows[1:]:
-        if r["img_per_s"]:
-            r["x_cpu_baseline"] = r["img_per_s"] / base
+    ips = _time_loader(mk, stj, bsj)
+    add(path="torchvision_nvjpeg" if device.type == "cuda" else "torchvision_decode_jpeg_cpu", crop=crop, batch=bsj,
+        img_per_s=ips, x_cpu_baseline=ips / base, note=f"{min(cores, 8)} byte-reading workers")
     return rows
 
 
@@ -116,10 +126,10 @@ def main(argv=None):
     ap.add_argument("--out", default="bench/results/data.jsonl")
     a = ap.parse_args(argv)
     env = env_info()
-    rows = run(a.tiny, Path(a.jpeg_dir), bench_device())
+    sink = RowSink("data", a.out, env)
+    rows = run(a.tiny, Path(a.jpeg_dir), bench_device(), emit=sink.emit)
     print(header("data paths", env))
     print(markdown_table(rows, ["path", "crop", "batch", "img_per_s", "x_cpu_baseline", "note"]))
-    write_results("data", rows, a.out, env)
     return rows
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bench.bench_data import make_jpegs
-from bench.common import env_info, header, markdown_table, write_results
+from bench.common import RowSink, env_info, header, markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def main(argv=None):
 
     work = Path(a.work)
     env = env_info()
-    rows = []
+    sink = RowSink("e2e", a.out, env)
     small = ["--method.proj_hidden_dim=64", "--method.pred_hidden_dim=64", "--method.denoiser_hidden_dim=64",
              "--method.proj_output_dim=32"] if a.tiny else []
     cases = [("cifar_gpu", 32, 8 if a.tiny else 256), ("jpeg_folder", 64 if a.tiny else 224, 8 if a.tiny else 128)]
@@ -70,11 +70,11 @@ def main(argv=None):
                 (root / "val").symlink_to((root / "train").resolve())
             args = ["--preset", "imagenet100", f"--data.path={root}", f"--data.crop_size={px}", *common]
         res = _train(args, work / f"run_{name}")
-        rows.append(dict(path=name, px=px, batch=bs, train_views_per_s=res["views_per_s"], step_bench_views_per_s=step_vps,
-                         ratio=res["views_per_s"] / step_vps, data_wait=res["data_wait"]))
+        sink.emit(dict(path=name, px=px, batch=bs, train_views_per_s=res["views_per_s"], step_bench_views_per_s=step_vps,
+                       ratio=res["views_per_s"] / step_vps, data_wait=res["data_wait"]))
+    rows = sink.rows
     print(header("end-to-end train.py vs step benchmark", env))
     print(markdown_table(rows, ["path", "px", "batch", "train_views_per_s", "step_bench_views_per_s", "ratio", "data_wait"]))
-    write_results("e2e", rows, a.out, env)
     return rows
 
 

@@ -24,6 +24,7 @@ from bench.common import (
     model_param_set,
     peak_bandwidth_gbps,
     time_ms,
+    first_call_s,
     write_results,
 )
 
@@ -60,11 +61,11 @@ def run(tiny: bool, device):
     rows = []
     for name, fn in provs.items():
         restore()
-        fn()  # warm-up / compile
+        first = first_call_s(fn)  # warm-up / compile, reported apart
         ms, lo, hi = time_ms(fn, setup=restore)
         gbps = 12 * n / (ms * 1e-3) / 1e9
         rows.append(dict(op="ema", tensors=len(t), numel=n, provider=name, ms=ms, p20=lo, p80=hi, GBps=gbps,
-                         pct_peak=100 * gbps / peak if peak else None))
+                         pct_peak=100 * gbps / peak if peak else None, first_call_s=first))
     flat = next(r["ms"] for r in rows if r["provider"] == "flat_lerp")
     for r in rows:
         r["vs_flat"] = r["ms"] / flat
@@ -79,7 +80,8 @@ def main(argv=None):
     env = env_info()
     rows = run(args.tiny, bench_device())
     print(header("EMA", env))
-    print(markdown_table(rows, ["op", "tensors", "numel", "provider", "ms", "p20", "p80", "GBps", "pct_peak", "vs_flat"]))
+    print(markdown_table(rows, ["op", "tensors", "numel", "provider", "ms", "p20", "p80", "GBps", "pct_peak", "vs_flat",
+                                "first_call_s"]))
     write_results("ema", rows, args.out, env)
     return rows
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import model_param_set, peak_bandwidth_gbps, time_ms
+from bench.common import first_call_s, model_param_set, peak_bandwidth_gbps, time_ms
 
 
 def fresh(groups):
@@ -33,12 +33,13 @@ def run_providers(op: str, providers: dict, tiny: bool, device, bytes_per_elem: 
         if step is None:
             rows.append(dict(op=op, provider=name, note="not available"))
             continue
-        step()  # creates state, compiles kernels
+        first = first_call_s(step)  # creates state, compiles kernels: reported apart
         ms, lo, hi = time_ms(step, setup=restore)
         gbps = bytes_per_elem * n / (ms * 1e-3) / 1e9
         roof_ms = bytes_per_elem * n / (peak * 1e9) * 1e3 if peak else None
         rows.append(dict(op=op, tensors=len(params), numel=n, provider=name, ms=ms, p20=lo, p80=hi, GBps=gbps,
-                         pct_peak=100 * gbps / peak if peak else None, x_roofline=ms / roof_ms if roof_ms else None))
+                         pct_peak=100 * gbps / peak if peak else None, x_roofline=ms / roof_ms if roof_ms else None,
+                         first_call_s=first))
     ref = next(r["ms"] for r in rows if r["provider"] == "reference")
     for r in rows:
         if "ms" in r:
@@ -78,6 +79,6 @@ def optimizer_bench_main(op: str, title: str, providers: dict, bytes_per_elem: i
     rows = run_providers(op, providers, args.tiny, bench_device(), bytes_per_elem, check)
     print(header(title, env))
     print(markdown_table(rows, ["op", "tensors", "numel", "provider", "ms", "p20", "p80", "GBps", "pct_peak", "x_roofline",
-                                "speedup_vs_reference", "note"]))
+                                "speedup_vs_reference", "first_call_s", "note"]))
     write_results(op, rows, args.out, env)
     return rows

@@ -21,19 +21,26 @@ import copy
 
 import torch
 from vssl_fast.kernels import LARSReference, ema_update_loop_
+from vssl_fast.kernels._common import interpret_mode
 
-from bench.common import bench_device, env_info, header, markdown_table, time_ms, write_results
-from vssl_fast.config import load_config
+from bench.common import RowSink, bench_device, env_info, first_call_s, header, markdown_table, time_ms
+from vssl_fast.config import device_formats, load_config
 from vssl_fast.models import SSLModel
 from vssl_fast.optim import build_optimizer
 from vssl_fast.step import TrainStep
 from vssl_fast.trainer import resolve_compile_mode
 
 
-def _model(cfg, num_classes, device, channels_last):
+def _model(cfg, num_classes, device, channels_last, tiny=False):
     torch.manual_seed(0)
+    kw = {}
+    if tiny:  # a small conv net with BatchNorm: the fast step's kernels run under the CPU interpreter in seconds
+        bb = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                 torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+                                 torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        kw = dict(backbone_module=bb, feature_dim=8)
     m = SSLModel(**cfg.method.model_kwargs(), backbone=cfg.model.backbone, cifar_stem=cfg.model.cifar_stem,
-                 num_classes=num_classes).to(device)
+                 num_classes=num_classes, **kw).to(device)
     return m.to(memory_format=torch.channels_last) if channels_last else m
 
 
@@ -70,7 +77,7 @@ class FloorStep:
         self.model, self.device = model, device
 
     def __call__(self, x1, x2, y):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
             out = sum(self.model.backbone(x).float().sum() for x in (x1, x2))
             with torch.no_grad():
                 for x in (x1, x2):
@@ -80,56 +87,69 @@ class FloorStep:
             p.grad = None
 
 
-def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",)) -> list[dict]:
+def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), emit=None) -> list[dict]:
+    """(a), (c), then (b) per compile mode; each row goes to ``emit`` as soon as it is measured.
+
+    The fast step runs the GPU configuration (``device_formats`` with ``model.channels_last=true``
+    and bf16): on the CPU that is its twin, channels-last weights and inputs under CPU autocast.
+    """
     preset = "cifar10" if px <= 64 else "imagenet100"
-    cfg = load_config(["--preset", preset, f"--data.crop_size={px}", f"--train.batch_size={batch}"])
+    cfg = load_config(["--preset", preset, f"--data.crop_size={px}", f"--train.batch_size={batch}",
+                       "--model.channels_last=true", "--train.precision=bf16"])
     if tiny:
         for k in ("proj_hidden_dim", "pred_hidden_dim", "denoiser_hidden_dim"):
             setattr(cfg.method, k, 64)
         cfg.method.proj_output_dim = 32
     cuda = device.type == "cuda"
+    if not cuda and interpret_mode():  # the CPU twin runs the fused losses too (auto picks them on CUDA only)
+        cfg.method = cfg.method.replace(impl="fused")
+    amp, img_dtype, cl = device_formats(cfg, device)
     g = torch.Generator(device="cpu").manual_seed(0)
     x1 = torch.randn(batch, 3, px, px, generator=g).to(device)
     x2 = torch.randn(batch, 3, px, px, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     rows = []
 
-    def measure(name, step, xs, model):
+    def measure(name, step, xs, model, baselines=None, **extra):
         state = copy.deepcopy(model.state_dict())
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(2 if tiny else 5):  # warm-up and compilation
+        first = first_call_s(lambda: step(*xs))  # compilation, reported apart
+        for _ in range(1 if tiny else 4):  # warm-up
             step(*xs)
         model.load_state_dict(state)  # restore the initial state before timing
         ms, lo, hi = time_ms(lambda: step(*xs), warmup=3, rep=30 if not tiny else 3)
-        rows.append(dict(px=px, batch=batch, variant=name, ms=ms, p20=lo, p80=hi, views_per_s=2 * batch / (ms * 1e-3),
-                         peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None))
+        row = dict(px=px, batch=batch, variant=name, ms=ms, p20=lo, p80=hi, views_per_s=2 * batch / (ms * 1e-3),
+                   first_call_s=first, peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                   **extra)
+        if baselines:
+            row["b_over_a"], row["b_over_c"] = row["views_per_s"] / baselines[0], row["views_per_s"] / baselines[1]
+        rows.append(row)
+        if emit is not None:
+            emit(row)
+        return row
 
     # (a) reference: contiguous fp32 weights, fp16 autocast, reference losses, per-parameter LARS + EMA loop
-    m = _model(cfg, 10, device, channels_last=False)
-    measure("a_reference", ReferenceStep(m, cfg, device), (x1, x2, y), m)
+    m = _model(cfg, 10, device, channels_last=False, tiny=tiny)
+    a = measure("a_reference", ReferenceStep(m, cfg, device), (x1, x2, y), m)["views_per_s"]
+    del m
+    fmt = (lambda t: t.to(img_dtype).contiguous(memory_format=torch.channels_last)) if cl else (lambda t: t.to(img_dtype))
+    xb = (fmt(x1), fmt(x2), y)
+    # (c) the backbone floor
+    m = _model(cfg, 10, device, channels_last=cl, tiny=tiny)
+    c = measure("c_backbone_floor", FloorStep(m, device), xb, m)["views_per_s"]
     del m
     # (b) the product's fast step, once per compile mode asked for ('auto' = what the trainer picks)
-    cl = (lambda t: t.contiguous(memory_format=torch.channels_last)) if cuda else (lambda t: t)
-    xb = (cl(x1.to(torch.bfloat16 if cuda else torch.float32)), cl(x2.to(torch.bfloat16 if cuda else torch.float32)), y)
     for requested in compile_modes:
         mode = resolve_compile_mode(requested, device, px)
-        m = _model(cfg, 10, device, channels_last=cuda)
+        m = _model(cfg, 10, device, channels_last=cl, tiny=tiny)
         forward = torch.compile(m, mode=mode) if mode != "none" else m
         opt = build_optimizer(m, cfg, 1)
-        step = TrainStep(m, forward, opt, cfg.method, cfg.optim, device, torch.bfloat16 if cuda else None)
-        measure(f"b_fast(compile={mode}{'=auto' if requested == 'auto' else ''})", step, xb, m)
+        step = TrainStep(m, forward, opt, cfg.method, cfg.optim, device, amp)
+        name = f"b_fast(compile={mode}{'=auto' if requested == 'auto' else ''})"
+        measure(name, step, xb, m, baselines=(a, c), channels_last=cl, optimizer=type(opt).__name__)
         del m, step, opt, forward
         torch._dynamo.reset()
-    # (c) the backbone floor
-    m = _model(cfg, 10, device, channels_last=cuda)
-    measure("c_backbone_floor", FloorStep(m, device), xb, m)
-    a = next(r for r in rows if r["variant"] == "a_reference")["views_per_s"]
-    c = rows[-1]["views_per_s"]
-    for r in rows:
-        if r["variant"].startswith("b_fast"):
-            r["b_over_a"] = r["views_per_s"] / a
-            r["b_over_c"] = r["views_per_s"] / c
     return rows
 
 
@@ -144,14 +164,14 @@ def main(argv=None):
     cases = [(16, 4)] if a.tiny else [tuple(int(v) for v in c.split("x")) for c in a.cases.split(",")]
     env = env_info()
     device = bench_device()
+    sink = RowSink("step", a.out, env)
     rows = []
     for px, b in cases:
-        rows += run_case(px, b, device, a.tiny, tuple(a.compile_modes.split(",")))
+        rows += run_case(px, b, device, a.tiny, tuple(a.compile_modes.split(",")), emit=sink.emit)
         torch.cuda.empty_cache() if device.type == "cuda" else None
     print(header("training step", env))
     print(markdown_table(rows, ["px", "batch", "variant", "ms", "p20", "p80", "views_per_s", "b_over_a", "b_over_c",
-                                "peak_mem_gb"]))
-    write_results("step", rows, a.out, env)
+                                "first_call_s", "peak_mem_gb"]))
     return rows
 
 

@@ -90,6 +90,30 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def first_call_s(fn) -> float:
+    """Seconds of one call, synchronized: the first call of a provider, where Triton/inductor
+    compile (reported apart from the timings, which come after warm-up)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+class RowSink:
+    """Appends each finished case's rows to ``out`` at once, so a run cut by a time limit keeps
+    every figure it took; ``rows`` keeps them all for the final table."""
+
+    def __init__(self, name: str, out: str | None, env: dict | None = None):
+        self.name, self.out, self.env, self.rows = name, out, env or env_info(), []
+
+    def emit(self, *rows: dict) -> None:
+        self.rows += rows
+        write_results(self.name, list(rows), self.out, self.env)
+
+
 def write_results(name: str, rows: list[dict], out: str | None, env: dict | None = None) -> Path | None:
     """Append machine-readable rows (one JSON object per line, each with the environment)."""
     if not out:
@@ -100,6 +124,8 @@ def write_results(name: str, rows: list[dict], out: str | None, env: dict | None
     with path.open("a") as f:
         for r in rows:
             f.write(json.dumps({"bench": name, **env, **r}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

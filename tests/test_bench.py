@@ -35,16 +35,21 @@ def test_bench_data_tiny(tmp_path, capsys):
     assert len(sizes) == 32 and 40_000 < sum(sizes) / len(sizes) < 120_000  # photo-like 500x375 JPEGs
 
 
-def test_bench_step_tiny(tmp_path, monkeypatch):
+def test_bench_step_tiny(tmp_path):
+    """The fast step in its GPU configuration on the CPU: channels-last, bf16 autocast, fused losses,
+    FusedLARS and the EMA kernel under the interpreter (a tiny backbone; ResNet-18 would take minutes)."""
     from bench import bench_step
 
-    # ResNet-18's 11M parameters through the Triton interpreter would take minutes: CPU reference path here
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-    rows = bench_step.main(["--tiny", "--out", str(tmp_path / "rows.jsonl")])
+    out = tmp_path / "rows.jsonl"
+    rows = bench_step.main(["--tiny", "--out", str(out)])
     variants = [r["variant"] for r in rows]
-    assert variants[0] == "a_reference" and variants[1].startswith("b_fast") and variants[2] == "c_backbone_floor"
-    assert rows[1]["b_over_a"] > 0 and all(r["views_per_s"] > 0 for r in rows)
+    assert variants[0] == "a_reference" and variants[1] == "c_backbone_floor" and variants[2].startswith("b_fast")
+    fast = rows[2]
+    assert fast["channels_last"] is True and fast["optimizer"] == "FusedLARS"
+    assert fast["b_over_a"] > 0 and fast["b_over_c"] > 0 and all(r["views_per_s"] > 0 for r in rows)
+    assert all(r["first_call_s"] > 0 for r in rows)
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["variant"] for r in written] == variants  # every row on disk, in the order measured
 
 
 def test_e2e_and_vssl_vs_byol_commands_tiny(cifar_tiny_tar, tmp_path, monkeypatch):
@@ -62,3 +67,28 @@ def test_e2e_and_vssl_vs_byol_commands_tiny(cifar_tiny_tar, tmp_path, monkeypatc
         res = __import__("json").loads((tmp_path / "cmp" / f"{r['method']}_{r['run']}" / "results.json").read_text())
         assert r["online_top1"] == res["online_top1"] and r["knn_k200_top1"] == res["knn_k200_t0.1_top1"]
     assert summary["vssl_repeat_spread_online"] == 0.0  # same seed, same CPU: identical
+
+
+def test_gpu_check_runs_stages_under_one_budget_and_leaves_few_files(tmp_path):
+    """The device command end to end on the CPU with tiny stages: priority order, a stage cut by its
+    limit recorded as cut, a stage without budget skipped, the summary against every goal, <= 8 files."""
+    from bench import gpu_check
+
+    out = tmp_path / "out"
+    rc = gpu_check.main(["--tiny", "--budget-s", "200", "--stages", "tests,ema,step", "--cap", "step=2", "--out", str(out)])
+    assert rc == 1  # the cut stage makes the run incomplete
+    stages = {s["stage"]: s for s in json.loads((out / "stages.json").read_text())}
+    assert list(stages) == ["tests", "ema", "step"]
+    assert stages["tests"]["rc"] == 0 and stages["ema"]["rc"] == 0
+    assert stages["step"]["rc"] is None and "cut" in stages["step"]["note"]
+    rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
+    assert {r["bench"] for r in rows} == {"ema"} and all("first_call_s" in r for r in rows)
+    summary = (out / "summary.md").read_text()
+    assert "| ema | provider=ours | vs_flat |" in summary and "not measured" in summary
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["env.txt", "logs.tar.gz", "rows.jsonl", "stages.json", "summary.md"]
+
+    out2 = tmp_path / "out2"
+    gpu_check.main(["--tiny", "--budget-s", "5", "--stages", "ema", "--out", str(out2)])
+    (only,) = json.loads((out2 / "stages.json").read_text())
+    assert only["stage"] == "ema" and only["note"].startswith("skipped")

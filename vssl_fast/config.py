@@ -30,7 +30,7 @@ class ModelConfig:
     backbone: str = "resnet18"  # resnet18 | resnet50
     cifar_stem: bool = True  # METHOD.md §1.1: 3x3/1 conv1 with padding 2, no maxpool
     sync_batchnorm: str = "auto"  # auto (SyncBatchNorm when world > 1, as solo-learn's recipe) | true | false
-    channels_last: bool = True  # on GPU only
+    channels_last: str = "auto"  # auto (on CUDA) | true (any device: the CPU twin of the GPU path) | false
 
 
 @dataclass
@@ -164,18 +164,23 @@ class Config:
         if not 0 <= self.optim.tau_base <= self.optim.tau_final <= 1:
             raise ConfigError(f"optim.tau_base/tau_final: need 0 <= tau_base <= tau_final <= 1, got "
                               f"{self.optim.tau_base}, {self.optim.tau_final}")
-        if not 0.0 <= self.data.max_bad_fraction <= 1.0:
-            raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.data.max_bad_fraction}")
-        if self.data.path != "auto":  # absolute, so checkpoints and config.json work from any directory
-            self.data.path = os.path.abspath(os.path.expanduser(self.data.path))
         sbn = {True: "true", False: "false"}.get(self.model.sync_batchnorm, str(self.model.sync_batchnorm).lower())
         if sbn not in ("auto", "true", "false"):  # bools from configs saved before 'auto' existed are accepted
             raise ConfigError(f"model.sync_batchnorm: invalid value {self.model.sync_batchnorm!r}; "
                               "choose one of ['auto', 'true', 'false']")
         self.model.sync_batchnorm = sbn
+        cl = {True: "true", False: "false"}.get(self.model.channels_last, str(self.model.channels_last).lower())
+        if cl not in ("auto", "true", "false"):  # bools from configs saved before 'auto' existed are accepted
+            raise ConfigError(f"model.channels_last: invalid value {self.model.channels_last!r}; "
+                              "choose one of ['auto', 'true', 'false']")
+        self.model.channels_last = cl
         if self.eval.knn_train_subset < 0:
             raise ConfigError(f"eval.knn_train_subset: must be >= 0 (0 = the whole train set), got "
                               f"{self.eval.knn_train_subset}")
+        if not 0.0 <= self.data.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.data.max_bad_fraction}")
+        if self.data.path != "auto":  # absolute, so checkpoints and config.json work from any directory
+            self.data.path = os.path.abspath(os.path.expanduser(self.data.path))
         if len(self.eval.knn_k) != len(self.eval.knn_t):
             raise ConfigError(f"eval.knn_k and eval.knn_t must pair up, got {self.eval.knn_k} and {self.eval.knn_t}")
         return self
@@ -350,3 +355,24 @@ def config_from_dict(d: dict) -> Config:
         else:
             setattr(cfg, sec, val)
     return cfg
+
+
+def device_formats(cfg: Config, device) -> tuple:
+    """(autocast dtype or None, loader image dtype, channels-last?) for ``device``: one rule for the
+    trainer, the loaders and the benchmarks.
+
+    ``auto`` means the GPU defaults on CUDA (bf16 autocast, bf16 images, channels-last) and fp32
+    contiguous on the CPU; ``train.precision=bf16`` and ``model.channels_last=true`` select the
+    GPU configuration on a CPU too (its CPU twin in the tests).
+    """
+    import torch
+
+    cuda = device.type == "cuda"
+    prec = cfg.train.precision
+    if prec == "fp32" or (prec == "auto" and not cuda):
+        amp = None
+    else:
+        amp = torch.float16 if prec == "fp16" else torch.bfloat16
+    images = torch.bfloat16 if amp == torch.bfloat16 else torch.float32
+    cl = cfg.model.channels_last == "true" or (cfg.model.channels_last == "auto" and cuda)
+    return amp, images, cl

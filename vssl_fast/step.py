@@ -2,8 +2,9 @@
 
 forward (through DDP / torch.compile when the trainer wraps it) -> backward -> device-side
 non-finite check (loss and gradient norms; max-reduced across ranks) -> optimizer step with that
-flag as ``skip`` -> EMA with tau = 1 on a skipped step. No host synchronization (the fp16 path's
-GradScaler has its own).
+flag as ``skip`` -> EMA with tau = 1 on a skipped step -> BatchNorm running statistics restored on
+a skipped step (snapshot before the forward), so a skipped step changes nothing. No host
+synchronization (the fp16 path's GradScaler has its own).
 
 Schedules: the LR and tau are host floats indexed by the number of *applied* steps, so a skipped
 step leaves the schedule where it was. The host learns of skips without a sync only at log points
@@ -19,6 +20,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from vssl_fast.kernels import restore_where_
 from vssl_fast.optim import set_lrs, tau_schedule
 
 __all__ = ["TrainStep"]
@@ -38,6 +40,11 @@ class TrainStep:
         self.tau = torch.tensor(optim_cfg.tau_base, device=device)
         self.noise_seed = torch.zeros(1, dtype=torch.int64, device=device)
         self.seed_base = (seed * 1_000_003 + rank) * (1 << 32)
+        # BatchNorm statistics (student, teacher, heads): the forward of a step that turns out to be
+        # skipped has already moved them, so they are snapshot before it and restored on a skip
+        self.bn_stats = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                         for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self.bn_backup = [torch.empty_like(b) for b in self.bn_stats]
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -61,6 +68,8 @@ class TrainStep:
     def __call__(self, x1, x2, y):
         self.noise_seed.add_(1)
         seed = self.noise_seed + self.seed_base
+        if self.bn_stats:
+            torch._foreach_copy_(self.bn_backup, self.bn_stats)
         with self.autocast():
             loss, parts = self.forward(x1, x2, y, self.method_cfg, seed)
         self.opt.zero_grad(set_to_none=True)
@@ -79,6 +88,7 @@ class TrainStep:
             self.scaler.update()
         else:
             self.opt.step(skip=bad)
+        restore_where_(self.bn_stats, self.bn_backup, bad, impl=self.ema_impl)
         badf = bad.reshape(()).bool()
         self.model.ema_update(torch.where(badf, torch.ones_like(self.tau), self.tau), impl=self.ema_impl)
         self.skipped += badf.long()

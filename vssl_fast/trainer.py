@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from vssl_fast import checkpoint as ckpt
 from vssl_fast import faults, rundir
-from vssl_fast.config import Config
+from vssl_fast.config import Config, device_formats
 from vssl_fast.data import build_data
 from vssl_fast.distributed import cleanup, init_distributed
 from vssl_fast.evaluate import EVAL_NETWORK, extract_features, feature_amp_dtype, knn_eval, online_eval
@@ -71,9 +71,7 @@ class Trainer:
         rundir.refuse_foreign(self.run_dir, cfg.resume, self.dist)  # before anything is written
 
         cuda = self.device.type == "cuda"
-        prec = cfg.train.precision
-        self.amp_dtype = None if (prec == "fp32" or (prec == "auto" and not cuda)) else (
-            torch.float16 if prec == "fp16" else torch.bfloat16)
+        self.amp_dtype, _, channels_last = device_formats(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -89,7 +87,7 @@ class Trainer:
         self.log.info("BatchNorm: %s (model.sync_batchnorm=%s, world %d)", "SyncBatchNorm over all ranks" if sync_bn
                       else "per-process statistics", cfg.model.sync_batchnorm, self.dist.world)
         model = model.to(self.device)
-        if cuda and cfg.model.channels_last:
+        if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.ddp = model
@@ -113,10 +111,12 @@ class Trainer:
         self.monitor = Monitor(self.run_dir, self.dist.is_main, cfg.log.tensorboard, cfg.log.progress)
         self._saved_step = None  # the step of the newest checkpoint this process wrote
         self._pending_eval = None  # [epoch, knn] of an evaluation a stop interrupted: saved, rerun on resume
-        self.log.info("model: %s %s (%d student params), %s optimizer (%s), precision %s, compile %s, world %d",
+        self.log.info("model: %s %s (%d student params), %s optimizer (%s), precision %s, channels-last %s, "
+                      "compile %s, world %d",
                       cfg.method.method, cfg.model.backbone,
                       sum(p.numel() for g in self.opt.param_groups for p in g["params"]),
-                      cfg.optim.name, type(self.opt).__name__, self.amp_dtype or "fp32", mode, self.dist.world)
+                      cfg.optim.name, type(self.opt).__name__, self.amp_dtype or "fp32", channels_last, mode,
+                      self.dist.world)
 
     # ------------------------------------------------------------------ signals
     def _install_signals(self):

@@ -1,5 +1,5 @@
-"""The product's step: a non-finite loss or gradient skips the step on the device (params, optimizer state
-and teacher untouched) and is counted; the trainer stops after several in a row."""
+"""The product's step: a non-finite loss or gradient skips the step on the device (params, optimizer state,
+teacher and every BatchNorm statistic untouched) and is counted; the trainer stops after several in a row."""
 
 import sys
 from pathlib import Path
@@ -17,7 +17,7 @@ from vssl_fast.method import MethodConfig  # noqa: E402
 from vssl_fast.step import TrainStep  # noqa: E402
 
 
-@pytest.mark.parametrize("poison", ["loss", "grad"])
+@pytest.mark.parametrize("poison", ["loss", "grad", "input"])
 def test_nonfinite_step_is_skipped_and_counted(poison, kernel_device):
     torch.manual_seed(0)
     cfg = MethodConfig(proj_output_dim=4, impl="reference")
@@ -29,7 +29,9 @@ def test_nonfinite_step_is_skipped_and_counted(poison, kernel_device):
         loss, parts = model(x1, x2, y, mcfg, seed)
         calls["n"] += 1
         if calls["n"] == 2:  # poison the second step
-            if poison == "loss":
+            if poison == "input":  # NaN images: BatchNorm running statistics turn NaN in the forward
+                loss, parts = model(x1 * float("nan"), x2, y, mcfg, seed)
+            elif poison == "loss":
                 loss = loss * float("nan")
             else:
                 loss = loss + model.classifier.weight.sum() * float("inf")
@@ -40,7 +42,7 @@ def test_nonfinite_step_is_skipped_and_counted(poison, kernel_device):
     x1, x2 = torch.rand(6, 3, 8, 8, generator=g).to(kernel_device), torch.rand(6, 3, 8, 8, generator=g).to(kernel_device)
     y = torch.randint(0, 3, (6,), generator=g).to(kernel_device)
     step(x1, x2, y)
-    snap = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    snap = {k: v.clone() for k, v in model.state_dict().items()}  # BatchNorm statistics and counters included
     bufs = [opt.state[p]["momentum_buffer"].clone() for g_ in opt.param_groups for p in g_["params"]]
     step.schedule(10, 100)
     pos, lrs, tau = step.applied, [g["lr"] for g in opt.param_groups], float(step.tau)
@@ -48,9 +50,9 @@ def test_nonfinite_step_is_skipped_and_counted(poison, kernel_device):
     assert int(step.skipped) == 1 and int(step.consecutive) == 1
     step.schedule(10, 100)  # the schedule did not advance: the retry gets the same lr and tau
     assert step.applied == pos == 1 and [g["lr"] for g in opt.param_groups] == lrs and float(step.tau) == tau
+    assert snap.keys() == model.state_dict().keys() and any("running_var" in k for k in snap)
     for k, v in model.state_dict().items():
-        if k in snap:
-            assert torch.equal(v, snap[k]), f"{k} changed on a skipped step"
+        assert torch.equal(v, snap[k]), f"{k} changed on a skipped step"
     assert all(torch.equal(a, opt.state[p]["momentum_buffer"])
                for a, p in zip(bufs, [p for g_ in opt.param_groups for p in g_["params"]]))
     step(x1, x2, y)  # a good step again

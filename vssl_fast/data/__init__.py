@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import torch
 
+from vssl_fast.config import device_formats
 from vssl_fast.data.augment import MEANS_STDS, view_specs
 from vssl_fast.data.loader import DeviceEvalLoader, DeviceTwoViewLoader
 from vssl_fast.data.sources import DataNotFound, load_cifar_arrays, resolve_data_path
@@ -70,8 +71,7 @@ def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> Data
         if d.val_subset:
             keep = np.sort(np.random.default_rng(1).permutation(len(vx))[: d.val_subset])
             vx, vy = vx[keep], vy[keep]
-        dt = torch.bfloat16 if device.type == "cuda" and cfg.train.precision in ("auto", "bf16") else torch.float32
-        cl = device.type == "cuda" and cfg.model.channels_last
+        _, dt, cl = device_formats(cfg, device)
         train_x, val_x = _to_device_uint8(tx, device), _to_device_uint8(vx, device)
         train_y, val_y = torch.from_numpy(ty).to(device), torch.from_numpy(vy).to(device)
         specs = view_specs(d.dataset, d.augmentations, d.crop_size)

@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vssl_fast.config import device_formats
 from vssl_fast.data.augment import MEANS_STDS, ViewSpec, view_specs
 from vssl_fast.faults import DataError
 
@@ -792,8 +793,7 @@ def build_folder_data(cfg, device, rank: int = 0, world: int = 1):
     train_s = validate_folder(train_dir, d.cache_dir, bad, "train")  # once per tree (cached): bad files left out
     validate_folder(val_dir, d.cache_dir, bad, "val")
     workers = default_workers(d.workers)
-    dt = torch.bfloat16 if device.type == "cuda" and cfg.train.precision in ("auto", "bf16") else torch.float32
-    cl = device.type == "cuda" and cfg.model.channels_last
+    _, dt, cl = device_formats(cfg, device)
     ok, why = dali_available()
     use_dali = d.loader == "dali" or (d.loader == "auto" and ok)
     if d.loader == "dali" and not ok:
