@@ -130,6 +130,8 @@ def test_export_round_trips_strictly(baseline, tmp_path):
     ref.load_state_dict(sd, strict=True)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(net(x), ref.eval()(x))
+    if not meta["safetensors"]:
+        pytest.skip("safetensors (the dev extra) is not installed: only backbone.pt was written and checked")
     from safetensors.torch import load_file
 
     st = load_file(str(tmp_path / "exp" / "backbone.safetensors"))

@@ -1,0 +1,161 @@
+"""Host work per training step, measured on any machine: ops dispatched and kernels launched.
+
+    python -m bench.bench_dispatch            # the fast step (GPU configuration) and the CIFAR loader, tiny sizes
+    python -m bench.bench_dispatch --json     # one JSON object (what the regression test reads)
+
+At CIFAR size a step is bound by how many kernels the host issues, not by FLOPs (issue 12:
+38-52 ms per step on an H200 for ~6 ms of convolutions). The count does not depend on the
+device or the image size, so it is measured on the CPU at a tiny size:
+
+- ``aten_ops``: every ATen op the step dispatches (``TorchDispatchMode``; each is at least one
+  kernel launch on a GPU in eager mode), broken down by phase (forward+backward, check, optimizer,
+  EMA, BatchNorm restore) and by op name;
+- ``triton_launches``: Triton kernel launches (the fused losses, LARS/LAMB, EMA, restore);
+- ``host_ms``: median wall time of the step here with the Triton kernels counted but not run
+  (ATen's CPU work at 16 px plus Python: an upper bound of the host's share on a GPU).
+
+The loader is counted separately per batch (two augmented views of the device-resident CIFAR).
+``tests/train/test_dispatch_budget.py`` fails when a count rises above the bound recorded there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import time
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts ATen ops by name (and Triton launches, patched in while active)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.triton = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def counting(self, dispatch=True):
+        """Count while active. Triton launches are counted, not run: the count is structural (the
+        step has no host sync, so values cannot change what is issued) and the interpreter would
+        take ~10 s per optimizer launch over ResNet-18's 11M parameters."""
+        import triton.runtime.interpreter as interp
+        import triton.runtime.jit as jit
+
+        originals = [(jit.JITFunction, "run", jit.JITFunction.run),
+                     (interp.InterpretedFunction, "run", interp.InterpretedFunction.run)]
+        counter = self
+
+        def wrap(fn):
+            def run(self, *a, **k):
+                counter.triton += 1
+            return run
+
+        for cls, name, fn in originals:
+            setattr(cls, name, wrap(fn))
+        try:
+            with self if dispatch else contextlib.nullcontext():
+                yield self
+        finally:
+            for cls, name, fn in originals:
+                setattr(cls, name, fn)
+
+
+def _tiny_step(device, channels_last=True, precision="bf16"):
+    from vssl_fast.config import load_config
+    from vssl_fast.kernels._common import interpret_mode
+    from vssl_fast.models import SSLModel
+    from vssl_fast.optim import build_optimizer
+    from vssl_fast.step import TrainStep
+
+    cfg = load_config(["--preset", "cifar10", "--data.crop_size=16", "--train.batch_size=8",
+                       f"--model.channels_last={str(channels_last).lower()}", f"--train.precision={precision}",
+                       "--method.proj_hidden_dim=32", "--method.pred_hidden_dim=32", "--method.denoiser_hidden_dim=32",
+                       "--method.proj_output_dim=16"])
+    if device.type == "cuda" or interpret_mode():
+        cfg.method = cfg.method.replace(impl="fused")
+    amp, img_dtype, cl = torch.bfloat16, torch.bfloat16, channels_last
+    torch.manual_seed(0)
+    # ResNet-18's layer structure at width 8 would still be 60 convolutions: the op count per layer
+    # is what matters, so the real ResNet-18 (CIFAR stem) is used with the real heads, at 16 px.
+    model = SSLModel(**cfg.method.model_kwargs(), backbone="resnet18", cifar_stem=True, num_classes=10).to(device)
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, cfg, 1)
+    step = TrainStep(model, model, opt, cfg.method, cfg.optim, device, amp)
+    g = torch.Generator().manual_seed(0)
+    fmt = (lambda t: t.contiguous(memory_format=torch.channels_last)) if cl else (lambda t: t)
+    xs = [fmt(torch.randn(8, 3, 16, 16, generator=g).to(device, img_dtype)) for _ in range(2)]
+    y = torch.randint(0, 10, (8,), generator=g).to(device)
+    return step, (xs[0], xs[1], y), cfg
+
+
+def count_step(device, channels_last=True, timed=False) -> dict:
+    step, batch, cfg = _tiny_step(device, channels_last)
+    with OpCounter().counting(dispatch=False):
+        step(*batch)  # first step: optimizer state, pointer tables
+    step.schedule(10, 100)
+    c = OpCounter()
+    with c.counting():
+        step(*batch)
+    times = []
+    with OpCounter().counting(dispatch=False):  # kernels not run: host work only
+        for _ in range(3 if timed else 0):
+            t0 = time.perf_counter()
+            step(*batch)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"aten_ops": sum(c.ops.values()), "triton_launches": c.triton,
+            "host_ms": statistics.median(times) if times else None, "channels_last": channels_last,
+            "top_ops": dict(c.ops.most_common(12)), "optimizer": type(step.opt).__name__}
+
+
+def count_loader(device) -> dict:
+    from vssl_fast.data.augment import view_specs
+    from vssl_fast.data.loader import DeviceTwoViewLoader
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
+    y = torch.randint(0, 10, (64,), generator=g).to(device)
+    ld = DeviceTwoViewLoader(x, y, 16, view_specs("cifar10"), 0, out_dtype=torch.float32)
+    it = iter(ld)
+    next(it)
+    c = OpCounter()
+    with c.counting():
+        next(it)
+    t0 = time.perf_counter()
+    next(it)
+    return {"aten_ops": sum(c.ops.values()), "triton_launches": c.triton, "host_ms": (time.perf_counter() - t0) * 1e3,
+            "top_ops": dict(c.ops.most_common(12))}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--contiguous", action="store_true", help="contiguous weights (the only layout before issue 11)")
+    ap.add_argument("--time", action="store_true", help="also the host ms per step (slow on a CPU: bf16 convolutions)")
+    a = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    res = {"step": count_step(device, not a.contiguous, a.time), "loader": count_loader(device)}
+    if a.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            ms = f"{v['host_ms']:.1f} host ms" if v["host_ms"] is not None else "host ms not timed"
+            print(f"{k}: {v['aten_ops']} ATen ops, {v['triton_launches']} Triton launches, {ms}; "
+                  f"most frequent: {v['top_ops']}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
