@@ -8,7 +8,8 @@ Variants, in the same process on the same card, after warm-up (and compilation):
       the reference losses, per-parameter LARS (solo-learn's, host syncs) and a per-parameter EMA loop;
   (b) fast: what the trainer runs by default: bf16 autocast, channels-last, fused Triton losses,
       FusedLARS, multi-tensor EMA, the non-finite skip flag, torch.compile per train.compile=auto
-      (``--compile-modes auto,none,default,reduce-overhead`` times each mode, to decide by measurement);
+      (``--compile-modes auto,none,default,reduce-overhead`` times each mode, to decide by measurement),
+      eager and as one CUDA graph per step (``--graph-modes off,on``: train.graph by measurement);
   (c) floor: the backbone alone: student forward+backward on both views, teacher forward, bf16
       channels-last, eager.
 Views/s = 2 B / median step time. The JSON rows carry card, versions, date and git revision.
@@ -87,7 +88,8 @@ class FloorStep:
             p.grad = None
 
 
-def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), emit=None) -> list[dict]:
+def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), emit=None,
+             graph_modes=("off",)) -> list[dict]:
     """(a), (c), then (b) per compile mode; each row goes to ``emit`` as soon as it is measured.
 
     The fast step runs the GPU configuration (``device_formats`` with ``model.channels_last=true``
@@ -141,15 +143,18 @@ def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), e
     del m
     # (b) the product's fast step, once per compile mode asked for ('auto' = what the trainer picks)
     for requested in compile_modes:
-        mode = resolve_compile_mode(requested, device, px)
-        m = _model(cfg, 10, device, channels_last=cl, tiny=tiny)
-        forward = torch.compile(m, mode=mode) if mode != "none" else m
-        opt = build_optimizer(m, cfg, 1)
-        step = TrainStep(m, forward, opt, cfg.method, cfg.optim, device, amp)
-        name = f"b_fast(compile={mode}{'=auto' if requested == 'auto' else ''})"
-        measure(name, step, xb, m, baselines=(a, c), channels_last=cl, optimizer=type(opt).__name__)
-        del m, step, opt, forward
-        torch._dynamo.reset()
+        for graph in graph_modes:  # 'on': one CUDA graph per step ('static', its uncaptured twin, on a CPU)
+            mode = resolve_compile_mode(requested, device, px)
+            gmode = graph if (graph == "off" or cuda) else "static"
+            m = _model(cfg, 10, device, channels_last=cl, tiny=tiny)
+            forward = torch.compile(m, mode=mode) if mode != "none" else m
+            opt = build_optimizer(m, cfg, 1)
+            step = TrainStep(m, forward, opt, cfg.method, cfg.optim, device, amp, graph=gmode)
+            step.schedule(10, 1000)
+            name = f"b_fast(compile={mode}{'=auto' if requested == 'auto' else ''},graph={gmode})"
+            measure(name, step, xb, m, baselines=(a, c), channels_last=cl, optimizer=type(opt).__name__)
+            del m, step, opt, forward
+            torch._dynamo.reset()
     return rows
 
 
@@ -159,6 +164,7 @@ def main(argv=None):
     ap.add_argument("--cases", default="32x256,32x512,224x128,224x256", help="PXxBATCH,...")
     ap.add_argument("--compile-modes", default="auto",
                     help="fast-step variants to time, e.g. auto,none,default,reduce-overhead (train.compile by measurement)")
+    ap.add_argument("--graph-modes", default="off,on", help="off (eager step) and/or on (one CUDA graph per step)")
     ap.add_argument("--out", default="bench/results/step.jsonl")
     a = ap.parse_args(argv)
     cases = [(16, 4)] if a.tiny else [tuple(int(v) for v in c.split("x")) for c in a.cases.split(",")]
@@ -167,7 +173,8 @@ def main(argv=None):
     sink = RowSink("step", a.out, env)
     rows = []
     for px, b in cases:
-        rows += run_case(px, b, device, a.tiny, tuple(a.compile_modes.split(",")), emit=sink.emit)
+        rows += run_case(px, b, device, a.tiny, tuple(a.compile_modes.split(",")), emit=sink.emit,
+                         graph_modes=tuple(a.graph_modes.split(",")))
         torch.cuda.empty_cache() if device.type == "cuda" else None
     print(header("training step", env))
     print(markdown_table(rows, ["px", "batch", "variant", "ms", "p20", "p80", "views_per_s", "b_over_a", "b_over_c",

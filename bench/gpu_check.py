@@ -44,8 +44,8 @@ def stages(out: Path, cifar: str) -> list[Stage]:
     rows = str(out / "rows.jsonl")
     py = [sys.executable]
     m = lambda mod, *a: py + ["-m", f"bench.{mod}", "--out", rows, *a]  # noqa: E731
-    kernel_tests = ["tests/kernels", "tests/test_losses.py", "tests/train/test_step.py",
-                    "tests/train/test_gpu_config_on_cpu.py"]
+    kernel_tests = ["tests/kernels", "tests/test_losses.py", "tests/train/test_step.py", "tests/train/test_graph_step.py",
+                    "tests/train/test_gpu_config_on_cpu.py", "tests/train/test_evaluate.py"]
     return [
         Stage("tests", 200, 60, py + ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *kernel_tests],
               py + ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels/test_restore.py"]),
@@ -53,7 +53,7 @@ def stages(out: Path, cifar: str) -> list[Stage]:
         Stage("lars", 60, 20, m("bench_lars"), m("bench_lars", "--tiny")),
         Stage("lamb", 60, 20, m("bench_lamb"), m("bench_lamb", "--tiny")),
         Stage("cosine", 120, 40, m("bench_cosine_loss"), m("bench_cosine_loss", "--tiny")),
-        Stage("step", 240, 90, m("bench_step", "--cases", "32x256,32x512,224x128,224x256"), m("bench_step", "--tiny")),
+        Stage("step", 240, 90, m("bench_step", "--cases", "32x256,32x512,224x128,224x256", "--graph-modes", "off,on"), m("bench_step", "--tiny")),
         Stage("e2e", 180, 60, m("bench_e2e", "--cifar", cifar, "--work", "/tmp/vssl_e2e"),
               m("bench_e2e", "--tiny", "--cifar", cifar, "--work", str(out / ".work" / "e2e"))),
         Stage("data", 150, 60, m("bench_data", "--jpeg-dir", "/tmp/vssl_bench_jpegs"),

@@ -193,6 +193,36 @@ def reduce_partials(bm: BlockMap, part: torch.Tensor, device) -> torch.Tensor:
     return out
 
 
+class DeviceLR:
+    """Learning rates the kernels read from device memory, for a step replayed as a CUDA graph.
+
+    By default a launch takes each group's ``lr`` as a scalar argument, which a captured graph
+    would freeze. With ``lr_on_device = True`` the kernels read ``lr_tensor(gi)`` instead and the
+    host refreshes it with ``set_device_lrs()`` (a fill per group, outside the graph) whenever the
+    schedule moves. Same fp32 value either way, so both paths give the same bits.
+    """
+
+    lr_on_device = False
+
+    def lr_tensor(self, gi: int, device) -> torch.Tensor:
+        store = self.__dict__.setdefault("_lr_dev", {})
+        if gi not in store:
+            store[gi] = torch.full((1,), float(self.param_groups[gi]["lr"]), dtype=torch.float32, device=device)
+        return store[gi]
+
+    def set_device_lrs(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            params = [p for p in group["params"]]
+            if params:
+                self.lr_tensor(gi, params[0].device).fill_(float(group["lr"]))
+
+    def _lr_args(self, gi: int, group: dict, device, dummy: torch.Tensor):
+        """(pointer, value, LR_IS_PTR) for a launch."""
+        if self.lr_on_device:
+            return self.lr_tensor(gi, device), 0.0, True
+        return dummy, float(group["lr"]), False
+
+
 def skip_flag(skip, device) -> tuple[torch.Tensor, bool]:
     """A device int32 flag (1 = skip the step) and whether one was given."""
     if skip is None:

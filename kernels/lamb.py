@@ -30,6 +30,7 @@ from ._common import require_triton, run_closure, triton_available
 from ._multi_tensor import (
     TL_DTYPES,
     BlockMap,
+    DeviceLR,
     _block_coords,
     _load_block,
     check_span_layout,
@@ -93,9 +94,14 @@ def _lamb_stage1_kernel(g_ptrs, p_ptrs, m_ptrs, v_ptrs, ws, ws_off, blk_tensor, 
 
 @triton.jit
 def _lamb_stage2_kernel(p_ptrs, ws, ws_off, blk_tensor, blk_start, sizes, p_sumsq, u_sumsq, step_ptr, skip_ptr,
-                        lr, wd, USE_NVLAMB: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                        lr_ptr, lr_val, wd, LR_IS_PTR: tl.constexpr, USE_NVLAMB: tl.constexpr, DTYPE: tl.constexpr,
+                        BLOCK: tl.constexpr):
     pid, ti, offs, mask = _block_coords(blk_tensor, blk_start, sizes, BLOCK)
     keep = tl.load(skip_ptr) == 0
+    if LR_IS_PTR:
+        lr = tl.load(lr_ptr)
+    else:
+        lr = lr_val
     pn = tl.sqrt(tl.load(p_sumsq + ti))
     un = tl.sqrt(tl.load(u_sumsq + ti))
     trust = tl.where((un != 0.0) & (pn != 0.0), lr * (pn / un), lr)
@@ -216,7 +222,7 @@ class LAMBReference(_LAMBBase):
         return loss
 
 
-class FusedLAMB(_LAMBBase):
+class FusedLAMB(DeviceLR, _LAMBBase):
     """Multi-tensor LAMB with apex FusedLAMB's constructor, defaults and math; no host syncs in ``step``.
 
     ``step(closure=None, *, skip=None)``: ``skip`` is an optional one-element device tensor;
@@ -315,10 +321,11 @@ class FusedLAMB(_LAMBBase):
             if gid not in steps:
                 steps[gid] = (self._group_step(group, device), [])
             steps[gid][1].append((dt, tab, g_ptrs, psq))
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             if id(group) not in steps:
                 continue
             step_t, items = steps[id(group)]
+            lr_ptr, lr_val, lr_is_ptr = self._lr_args(gi, group, device, flag)
             b1, b2 = group["betas"]
             beta3 = 1 - b1 if group["grad_averaging"] else 1.0
             for i, (dt, tab, g_ptrs, psq) in enumerate(items):
@@ -334,8 +341,8 @@ class FusedLAMB(_LAMBBase):
                 last = i == len(items) - 1
                 _lamb_stage2_kernel[(bm.num_blocks,)](
                     tab["p"], tab["ws"], tab["ws_off"], bm.blk_tensor, bm.blk_start, bm.sizes, psq, usq,
-                    step_t if last else step_t.clone(), flag, float(group["lr"]), float(group["weight_decay"]),
-                    USE_NVLAMB=bool(self.use_nvlamb), DTYPE=TL_DTYPES[dt], BLOCK=bm.block)
+                    step_t if last else step_t.clone(), flag, lr_ptr, lr_val, float(group["weight_decay"]),
+                    LR_IS_PTR=lr_is_ptr, USE_NVLAMB=bool(self.use_nvlamb), DTYPE=TL_DTYPES[dt], BLOCK=bm.block)
         return loss
 
     def _fallback(self, skip, loss):

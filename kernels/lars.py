@@ -23,6 +23,7 @@ from ._common import run_closure, triton_available
 from ._multi_tensor import (
     TL_DTYPES,
     BlockMap,
+    DeviceLR,
     _block_coords,
     _load_block,
     check_span_layout,
@@ -39,8 +40,13 @@ __all__ = ["FusedLARS", "LARSReference"]
 
 @triton.jit
 def _lars_kernel(g_ptrs, p_ptrs, buf_ptrs, blk_tensor, blk_start, sizes, p_sumsq, g_sumsq, exclude, skip_ptr,
-                 lr, wd, eta, eps, momentum, CLIP_LR: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                 lr_ptr, lr_val, wd, eta, eps, momentum, LR_IS_PTR: tl.constexpr, CLIP_LR: tl.constexpr,
+                 DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     pid, ti, offs, mask = _block_coords(blk_tensor, blk_start, sizes, BLOCK)
+    if LR_IS_PTR:
+        lr = tl.load(lr_ptr)
+    else:
+        lr = lr_val
     keep = tl.load(skip_ptr) == 0
     pn = tl.sqrt(tl.load(p_sumsq + ti))
     gn = tl.sqrt(tl.load(g_sumsq + ti))
@@ -112,7 +118,7 @@ class LARSReference(_LARSBase):
         return loss
 
 
-class FusedLARS(_LARSBase):
+class FusedLARS(DeviceLR, _LARSBase):
     """Multi-tensor LARS (no host syncs). ``step(closure=None, *, skip=None)``: nonzero ``skip`` = no-op.
 
     Momentum buffers start at zero (``0.9 * 0 + d == d`` exactly, the reference's first clone) in
@@ -175,8 +181,10 @@ class FusedLARS(_LARSBase):
             bm = tab["bm"]
             g_ptrs = grad_table(tab, ps, device)
             gsq, psq = per_tensor_sumsq(bm, g_ptrs, tab["p"], dt, dt, device)
+            lr_ptr, lr_val, lr_is_ptr = self._lr_args(gi, group, device, flag)
             _lars_kernel[(bm.num_blocks,)](
                 g_ptrs, tab["p"], tab["buf"], bm.blk_tensor, bm.blk_start, bm.sizes, psq, gsq, tab["excl"], flag,
-                float(group["lr"]), float(group["weight_decay"]), float(group["eta"]), float(group["eps"]),
-                float(group["momentum"]), CLIP_LR=bool(group["clip_lr"]), DTYPE=TL_DTYPES[dt], BLOCK=bm.block)
+                lr_ptr, lr_val, float(group["weight_decay"]), float(group["eta"]), float(group["eps"]),
+                float(group["momentum"]), LR_IS_PTR=lr_is_ptr, CLIP_LR=bool(group["clip_lr"]), DTYPE=TL_DTYPES[dt],
+                BLOCK=bm.block)
         return loss

@@ -48,6 +48,7 @@ def test_bench_step_tiny(tmp_path):
     assert fast["channels_last"] is True and fast["optimizer"] == "FusedLARS"
     assert fast["b_over_a"] > 0 and fast["b_over_c"] > 0 and all(r["views_per_s"] > 0 for r in rows)
     assert all(r["first_call_s"] > 0 for r in rows)
+    assert [r["variant"] for r in rows[2:]] == ["b_fast(compile=none=auto,graph=off)", "b_fast(compile=none=auto,graph=static)"]
     written = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["variant"] for r in written] == variants  # every row on disk, in the order measured
 

@@ -73,6 +73,7 @@ class TrainConfig:
     seed: int = 5
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     compile: str = "auto"  # auto | none | default | reduce-overhead (see vssl_fast.trainer for the measured choice)
+    graph: str = "auto"  # auto | on | off: the whole step as one CUDA graph (vssl_fast.step; auto = off until measured)
     max_consecutive_skips: int = 5  # non-finite steps in a row before stopping with an error
 
 
@@ -139,6 +140,7 @@ class Config:
             ("optim.impl", self.optim.impl, ("auto", "fused", "reference")),
             ("train.precision", self.train.precision, ("auto", "bf16", "fp16", "fp32")),
             ("train.compile", self.train.compile, ("auto", "none", "default", "reduce-overhead")),
+            ("train.graph", self.train.graph, ("auto", "on", "off")),
             ("eval.feature_dtype", self.eval.feature_dtype, ("fp32", "bf16")),
         ]
         for key, val, choices in checks:

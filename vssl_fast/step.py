@@ -6,6 +6,13 @@ flag as ``skip`` -> EMA with tau = 1 on a skipped step -> BatchNorm running stat
 a skipped step (snapshot before the forward), so a skipped step changes nothing. No host
 synchronization (the fp16 path's GradScaler has its own).
 
+Graph modes (``train.graph``): 'off' runs the step eagerly; 'static' makes it graph-ready
+(static input buffers the batch is copied into, persistent gradients so every pointer table is
+built once, the LR and tau read from device tensors the host refreshes outside the step), which
+is the CPU twin; 'on' (CUDA) runs 'static' eagerly for a few warm-up steps on a side stream,
+captures one step as a CUDA graph and replays it, one launch per step instead of ~1,400
+(bench/RESULTS.md). 'static' gives the same losses and parameters as 'off' (tested on the CPU).
+
 Schedules: the LR and tau are host floats indexed by the number of *applied* steps, so a skipped
 step leaves the schedule where it was. The host learns of skips without a sync only at log points
 (``sync_skips``, called by the trainer when it reads the metrics anyway); on the CPU, where a read
@@ -27,8 +34,26 @@ __all__ = ["TrainStep"]
 
 
 class TrainStep:
+    GRAPH_WARMUP = 3  # eager steps on a side stream before capture (torch's whole-network capture recipe)
+
     def __init__(self, model, forward, opt, method_cfg, optim_cfg, device, amp_dtype=None, scaler=None,
-                 distributed: bool = False, seed: int = 0, rank: int = 0, ema_impl: str = "auto"):
+                 distributed: bool = False, seed: int = 0, rank: int = 0, ema_impl: str = "auto", graph: str = "off"):
+        if graph not in ("off", "static", "on"):
+            raise ValueError(f"TrainStep: graph must be 'off', 'static' or 'on', got {graph!r}")
+        if graph != "off":
+            if scaler is not None:
+                raise ValueError("TrainStep: graph mode needs bf16 or fp32 (GradScaler's step reads its scale on the host)")
+            if not hasattr(opt, "lr_on_device"):
+                raise ValueError(f"TrainStep: graph mode needs a fused optimizer that reads its LR on the device, "
+                                 f"not {type(opt).__name__}")
+            if graph == "on" and device.type != "cuda":
+                raise ValueError("TrainStep: graph='on' captures a CUDA graph; on a CPU use graph='static'")
+            opt.lr_on_device = True
+        self.graph_mode = graph
+        self._static = None  # (x1, x2, y) buffers the loader's batch is copied into
+        self._graph = None
+        self._graph_parts = None
+        self._warm = 0
         self.model, self.forward, self.opt = model, forward, opt
         self.method_cfg, self.optim_cfg = method_cfg, optim_cfg
         self.device, self.amp_dtype, self.scaler, self.distributed = device, amp_dtype, scaler, distributed
@@ -49,7 +74,8 @@ class TrainStep:
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # a captured graph must not rely on autocast's weight-cast cache (torch's CUDA graph notes)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=self.graph_mode == "off")
 
     @property
     def applied(self) -> int:
@@ -64,15 +90,52 @@ class TrainStep:
         o = self.optim_cfg
         set_lrs(self.opt, self.applied, warmup_steps, total_steps, o.warmup_start_lr, o.min_lr)
         self.tau.fill_(tau_schedule(self.applied, total_steps, o.tau_base, o.tau_final))
+        if self.graph_mode != "off":
+            self.opt.set_device_lrs()  # the kernels read the LR from device memory
 
     def __call__(self, x1, x2, y):
+        """One training step on a batch; returns the loss parts (device tensors, read at log points)."""
+        if self.graph_mode == "off":
+            parts = self._device_step(x1, x2, y)
+        else:
+            if self._static is None:
+                self._static = tuple(torch.empty_like(t) for t in (x1, x2, y))  # same layout as the loader's
+            for buf, t in zip(self._static, (x1, x2, y)):
+                buf.copy_(t)
+            parts = self._graph_step() if self.graph_mode == "on" else self._device_step(*self._static)
+        self.step += 1
+        if self.device.type == "cpu":
+            self.sync_skips()
+        return parts
+
+    def _graph_step(self):
+        """Warm up on a side stream, capture once, then replay: one launch for the whole step."""
+        if self._graph is None and self._warm < self.GRAPH_WARMUP:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                parts = self._device_step(*self._static)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._warm += 1
+            return parts
+        if self._graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records, runs nothing: the replay below is this step
+                self._graph_parts = self._device_step(*self._static)
+            self._graph = graph
+        self._graph.replay()
+        return self._graph_parts
+
+    def _device_step(self, x1, x2, y):
+        """Everything a step does on the device, with no host synchronization (what a graph captures)."""
         self.noise_seed.add_(1)
         seed = self.noise_seed + self.seed_base
         if self.bn_stats:
             torch._foreach_copy_(self.bn_backup, self.bn_stats)
         with self.autocast():
             loss, parts = self.forward(x1, x2, y, self.method_cfg, seed)
-        self.opt.zero_grad(set_to_none=True)
+        # graph modes keep gradients where they are (their pointer tables are built once)
+        self.opt.zero_grad(set_to_none=self.graph_mode == "off")
         if self.scaler:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.opt)
@@ -93,9 +156,6 @@ class TrainStep:
         self.model.ema_update(torch.where(badf, torch.ones_like(self.tau), self.tau), impl=self.ema_impl)
         self.skipped += badf.long()
         self.consecutive.copy_((self.consecutive + badf.long()) * badf.long())
-        self.step += 1
-        if self.device.type == "cpu":
-            self.sync_skips()
         return parts
 
     def state_dict(self) -> dict:

@@ -53,6 +53,24 @@ EXIT_PREEMPTED = faults.Preempted.exit_code
 NonFiniteError = faults.NonFiniteError
 
 
+def resolve_graph_mode(mode: str, device: torch.device, distributed: bool, scaler, opt) -> tuple[str, str]:
+    """train.graph -> (TrainStep graph mode, why). 'auto' stays uncaptured until the captured step
+    has been measured on a card (bench_step --graph-modes off,on; bench/RESULTS.md)."""
+    if mode == "off":
+        return "off", "train.graph=off"
+    if mode == "auto":
+        return "off", "train.graph=auto: uncaptured until the captured step is measured on a card (bench/RESULTS.md)"
+    if distributed:
+        return "off", "train.graph=on: not captured under DDP (its all-reduce hooks are not capture-safe here)"
+    if scaler is not None:
+        return "off", "train.graph=on: not captured with fp16 (GradScaler reads its scale on the host)"
+    if not hasattr(opt, "lr_on_device"):
+        return "off", f"train.graph=on: not captured with {type(opt).__name__} (needs a fused optimizer)"
+    if device.type != "cuda":
+        return "static", "train.graph=on on a CPU: the graph-ready step without capture"
+    return "on", "train.graph=on: one CUDA graph per step"
+
+
 def resolve_compile_mode(mode: str, device: torch.device, crop_size: int) -> str:
     """train.compile=auto: 'default' on CUDA at crop sizes <= 64, else 'none' (see the module docstring)."""
     if mode != "auto":
@@ -105,8 +123,10 @@ class Trainer:
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        graph, why = resolve_graph_mode(cfg.train.graph, self.device, self.dist.enabled, self.scaler, self.opt)
+        self.log.info("step: %s", why)
         self.stepper = TrainStep(model, self.forward, self.opt, cfg.method, cfg.optim, self.device, self.amp_dtype,
-                                 self.scaler, self.dist.enabled, cfg.train.seed, self.dist.rank)
+                                 self.scaler, self.dist.enabled, cfg.train.seed, self.dist.rank, graph=graph)
         self.history: list[dict] = []
         self.monitor = Monitor(self.run_dir, self.dist.is_main, cfg.log.tensorboard, cfg.log.progress)
         self._saved_step = None  # the step of the newest checkpoint this process wrote

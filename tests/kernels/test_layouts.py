@@ -179,3 +179,26 @@ def test_many_blocks_per_tensor(name, kernel_device, monkeypatch):
     monkeypatch.setattr(_multi_tensor, "INTERPRETER_BLOCK", 16)
     test_mixed_layouts_lockstep(name, kernel_device)
     test_ema_any_layout_and_mismatch_refused(kernel_device)
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_learning_rate_read_from_device_memory_gives_the_same_bits(name, kernel_device):
+    """lr_on_device (for a step replayed as a CUDA graph): the kernels read each group's LR from a
+    device tensor the host refreshes; the same fp32 value as the scalar path, so the same bits."""
+    fused_cls, _, kw = OPTS[name]
+    pa = _leaves(_mixed_params(kernel_device))
+    pb = [p.detach().clone().requires_grad_() for p in pa]
+    oa, ob = fused_cls([{"params": pa[:3]}, {"params": pa[3:]}], **kw), fused_cls([{"params": pb[:3]}, {"params": pb[3:]}], **kw)
+    ob.lr_on_device = True
+    for k in range(4):
+        for i, o in enumerate((oa, ob)):
+            for g in o.param_groups:
+                g["lr"] = kw["lr"] * (0.5 + 0.1 * k + 0.05 * i * 0)  # a moving schedule, the same for both
+        ob.set_device_lrs()
+        ob.param_groups[0]["lr"] = 123.0  # ignored by the device path until set_device_lrs()
+        for a, b, gr in zip(pa, pb, _grads_like(pa, k)):
+            a.grad, b.grad = gr, gr.clone()
+        oa.step()
+        ob.step()
+        ob.param_groups[0]["lr"] = oa.param_groups[0]["lr"]
+        assert all(torch.equal(a, b) for a, b in zip(pa, pb)), f"step {k}"

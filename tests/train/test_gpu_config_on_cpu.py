@@ -7,6 +7,7 @@ ResNet-18 through the Triton interpreter takes ~10 s per optimizer launch, so th
 is a small conv net with BatchNorm (4-D weights, as ResNet's); everything else is the product's.
 """
 
+import pytest
 import torch
 from helpers import tiny_backbone
 from helpers_train import tiny_args
@@ -26,12 +27,13 @@ def _tiny_resnet(monkeypatch, width=8):
     monkeypatch.setattr(models, "build_backbone", lambda name="resnet18", cifar_stem=False: tiny_backbone(width))
 
 
-def test_trainer_runs_the_gpu_configuration_on_the_cpu(cifar_tiny_tar, tmp_path, monkeypatch):
+@pytest.mark.parametrize("graph", ["off", "on"])  # 'on' is the graph-ready step on a CPU (no capture)
+def test_trainer_runs_the_gpu_configuration_on_the_cpu(graph, cifar_tiny_tar, tmp_path, monkeypatch):
     assert interpret_mode(), "conftest runs the kernels under the interpreter without CUDA"
     _tiny_resnet(monkeypatch)
     argv = tiny_args(cifar_tiny_tar, tmp_path / "run", tmp_path / "cache", steps=3, data__crop_size=16,
                      data__train_subset=32, data__val_subset=8, eval__knn_train_subset=8, eval__knn_k=4,
-                     eval__knn_t=0.1, log__plots="false") + GPU_DEFAULTS
+                     eval__knn_t=0.1, log__plots="false", train__graph=graph) + GPU_DEFAULTS
     cfg = load_config(argv)
     amp, images, cl = device_formats(cfg, torch.device("cpu"))
     assert (amp, images, cl) == (torch.bfloat16, torch.bfloat16, True)
@@ -42,6 +44,7 @@ def test_trainer_runs_the_gpu_configuration_on_the_cpu(cifar_tiny_tar, tmp_path,
         assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                              for p in tr.model.parameters() if p.dim() == 4), "conv weights are not channels-last"
         assert isinstance(tr.opt, FusedLARS)
+        assert tr.stepper.graph_mode == {"off": "off", "on": "static"}[graph]
         x1, x2, y = next(iter(tr.data.train))
         assert x1.dtype == torch.bfloat16 and x1.is_contiguous(memory_format=torch.channels_last)
         teacher0 = [t.detach().clone() for t in tr.model.ema_param_lists()[0]]
