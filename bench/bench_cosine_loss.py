@@ -20,6 +20,7 @@ from bench.common import (
     bench_device,
     env_info,
     first_call_s,
+    gpu_time_ms,
     header,
     markdown_table,
     peak_bandwidth_gbps,
@@ -97,13 +98,21 @@ def run(shapes, device, check=True, sink=None):
                 first = first_call_s(fn)  # compilation, reported apart
                 zero()
                 ms, lo, hi = time_ms(fn, setup=zero)
-                gbps = n_elems * R * d * elt / (ms * 1e-3) / 1e9
-                case.append(dict(op=op, B=B, d=d, rows=R, provider=prov, ms=ms, p20=lo, p80=hi, GBps=gbps,
-                                 pct_peak=(100 * gbps / peak) if peak else None, first_call_s=first))
+                gpu_ms, how = gpu_time_ms(fn, setup=zero)
+                nbytes = n_elems * R * d * elt
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                gpu_gbps = nbytes / (gpu_ms * 1e-3) / 1e9 if gpu_ms else None
+                case.append(dict(op=op, B=B, d=d, rows=R, provider=prov, bytes=nbytes, ms=ms, p20=lo, p80=hi, GBps=gbps,
+                                 pct_peak=(100 * gbps / peak) if peak else None, gpu_ms=gpu_ms,
+                                 gpu_pct_peak=(100 * gpu_gbps / peak) if (peak and gpu_gbps) else None, gpu_note=how,
+                                 first_call_s=first))
             base = {r["provider"]: r["ms"] for r in case}
+            gbase = {r["provider"]: r["gpu_ms"] for r in case}
             for r in case:
                 r["speedup_vs_eager"] = base["eager"] / r["ms"]
                 r["speedup_vs_compiled"] = base["compiled"] / r["ms"]
+                if r["gpu_ms"] and gbase.get("compiled"):
+                    r["gpu_speedup_vs_compiled"] = gbase["compiled"] / r["gpu_ms"]
             rows += case
             if sink is not None:
                 sink.emit(*case)
@@ -121,7 +130,8 @@ def main(argv=None):
     rows = run(shapes, device, sink=RowSink("cosine_loss", args.out, env))
     print(header("cosine loss fwd+bwd", env))
     print(markdown_table(rows, ["op", "B", "d", "provider", "ms", "p20", "p80", "GBps", "pct_peak",
-                                "speedup_vs_eager", "speedup_vs_compiled", "first_call_s"]))
+                                "speedup_vs_eager", "speedup_vs_compiled", "gpu_ms", "gpu_pct_peak",
+                                "gpu_speedup_vs_compiled", "first_call_s"]))
     return rows
 
 

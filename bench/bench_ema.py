@@ -25,6 +25,7 @@ from bench.common import (
     peak_bandwidth_gbps,
     time_ms,
     first_call_s,
+    gpu_time_ms,
     write_results,
 )
 
@@ -63,12 +64,15 @@ def run(tiny: bool, device):
         restore()
         first = first_call_s(fn)  # warm-up / compile, reported apart
         ms, lo, hi = time_ms(fn, setup=restore)
+        gpu_ms, how = gpu_time_ms(fn, setup=restore)
         gbps = 12 * n / (ms * 1e-3) / 1e9
-        rows.append(dict(op="ema", tensors=len(t), numel=n, provider=name, ms=ms, p20=lo, p80=hi, GBps=gbps,
-                         pct_peak=100 * gbps / peak if peak else None, first_call_s=first))
+        rows.append(dict(op="ema", tensors=len(t), numel=n, provider=name, bytes=12 * n, ms=ms, p20=lo, p80=hi, GBps=gbps,
+                         pct_peak=100 * gbps / peak if peak else None, gpu_ms=gpu_ms, gpu_note=how, first_call_s=first))
     flat = next(r["ms"] for r in rows if r["provider"] == "flat_lerp")
+    gflat = next(r["gpu_ms"] for r in rows if r["provider"] == "flat_lerp")
     for r in rows:
         r["vs_flat"] = r["ms"] / flat
+        r["gpu_vs_flat"] = r["gpu_ms"] / gflat if (r["gpu_ms"] and gflat) else None
     return rows
 
 
@@ -81,7 +85,7 @@ def main(argv=None):
     rows = run(args.tiny, bench_device())
     print(header("EMA", env))
     print(markdown_table(rows, ["op", "tensors", "numel", "provider", "ms", "p20", "p80", "GBps", "pct_peak", "vs_flat",
-                                "first_call_s"]))
+                                "gpu_ms", "gpu_vs_flat", "first_call_s"]))
     write_results("ema", rows, args.out, env)
     return rows
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import first_call_s, model_param_set, peak_bandwidth_gbps, time_ms
+from bench.common import first_call_s, gpu_time_ms, model_param_set, peak_bandwidth_gbps, time_ms
 
 
 def fresh(groups):
@@ -35,10 +35,12 @@ def run_providers(op: str, providers: dict, tiny: bool, device, bytes_per_elem: 
             continue
         first = first_call_s(step)  # creates state, compiles kernels: reported apart
         ms, lo, hi = time_ms(step, setup=restore)
+        gpu_ms, how = gpu_time_ms(step, setup=restore)
         gbps = bytes_per_elem * n / (ms * 1e-3) / 1e9
         roof_ms = bytes_per_elem * n / (peak * 1e9) * 1e3 if peak else None
         rows.append(dict(op=op, tensors=len(params), numel=n, provider=name, ms=ms, p20=lo, p80=hi, GBps=gbps,
                          pct_peak=100 * gbps / peak if peak else None, x_roofline=ms / roof_ms if roof_ms else None,
+                         gpu_ms=gpu_ms, gpu_x_roofline=gpu_ms / roof_ms if (gpu_ms and roof_ms) else None, gpu_note=how,
                          first_call_s=first))
     ref = next(r["ms"] for r in rows if r["provider"] == "reference")
     for r in rows:
@@ -79,6 +81,6 @@ def optimizer_bench_main(op: str, title: str, providers: dict, bytes_per_elem: i
     rows = run_providers(op, providers, args.tiny, bench_device(), bytes_per_elem, check)
     print(header(title, env))
     print(markdown_table(rows, ["op", "tensors", "numel", "provider", "ms", "p20", "p80", "GBps", "pct_peak", "x_roofline",
-                                "speedup_vs_reference", "first_call_s", "note"]))
+                                "speedup_vs_reference", "gpu_ms", "gpu_x_roofline", "first_call_s", "note"]))
     write_results(op, rows, args.out, env)
     return rows

@@ -90,6 +90,36 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def gpu_time_ms(fn, *, setup=None, rep: int = 50) -> tuple[float | None, str]:
+    """(median ms, note): the GPU time of ``fn`` alone, replayed from a CUDA graph of one call.
+
+    The host-inclusive timing (``time_ms``) is what an eager loop pays; this is what remains when
+    the call sits inside a captured training step. ``None`` without CUDA, or when the call cannot
+    be captured (a host sync, e.g. the per-parameter references), with the reason in the note.
+    """
+    if not torch.cuda.is_available():
+        return None, "no CUDA"
+    import triton.testing
+
+    try:
+        if setup is not None:
+            setup()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # warm: allocations and autotuning happen outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        if setup is not None:
+            setup()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return float(triton.testing.do_bench(graph.replay, warmup=5, rep=rep, quantiles=[0.5, 0.2, 0.8])[0]), "graph replay"
+    except Exception as e:  # noqa: BLE001 - a provider that cannot be captured is reported, not fatal
+        torch.cuda.synchronize()
+        return None, f"not capturable: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+
+
 def first_call_s(fn) -> float:
     """Seconds of one call, synchronized: the first call of a provider, where Triton/inductor
     compile (reported apart from the timings, which come after warm-up)."""
