@@ -72,8 +72,9 @@ class OpCounter(TorchDispatchMode):
 
 
 def _tiny_step(device, channels_last=True, precision="bf16"):
-    from vssl_fast.config import load_config
     from vssl_fast.kernels._common import interpret_mode
+
+    from vssl_fast.config import load_config
     from vssl_fast.models import SSLModel
     from vssl_fast.optim import build_optimizer
     from vssl_fast.step import TrainStep

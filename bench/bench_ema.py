@@ -19,13 +19,13 @@ from vssl_fast.kernels import ema_update_, ema_update_loop_, ema_update_referenc
 from bench.common import (
     bench_device,
     env_info,
+    first_call_s,
+    gpu_time_ms,
     header,
     markdown_table,
     model_param_set,
     peak_bandwidth_gbps,
     time_ms,
-    first_call_s,
-    gpu_time_ms,
     write_results,
 )
 

@@ -53,7 +53,8 @@ def stages(out: Path, cifar: str) -> list[Stage]:
         Stage("lars", 60, 20, m("bench_lars"), m("bench_lars", "--tiny")),
         Stage("lamb", 60, 20, m("bench_lamb"), m("bench_lamb", "--tiny")),
         Stage("cosine", 120, 40, m("bench_cosine_loss"), m("bench_cosine_loss", "--tiny")),
-        Stage("step", 240, 90, m("bench_step", "--cases", "32x256,32x512,224x128,224x256", "--graph-modes", "off,on"), m("bench_step", "--tiny")),
+        Stage("step", 240, 90, m("bench_step", "--cases", "32x256,32x512,224x128,224x256", "--graph-modes", "off,on"),
+              m("bench_step", "--tiny")),
         Stage("e2e", 180, 60, m("bench_e2e", "--cifar", cifar, "--work", "/tmp/vssl_e2e"),
               m("bench_e2e", "--tiny", "--cifar", cifar, "--work", str(out / ".work" / "e2e"))),
         Stage("data", 150, 60, m("bench_data", "--jpeg-dir", "/tmp/vssl_bench_jpegs"),
@@ -74,7 +75,8 @@ GOALS = [
     ("cosine_loss", {"provider": "fused", "op": "kl_sample", "B": 8192, "d": 2048}, "gpu_pct_peak", (">=", 60)),
     ("cosine_loss", {"provider": "fused", "op": "ll", "B": 8192, "d": 2048}, "gpu_pct_peak", (">=", 60)),
     ("cosine_loss", {"provider": "fused", "op": "kl_sample", "B": 256, "d": 256}, "speedup_vs_compiled", (">=", 1.0)),
-    ("cosine_loss", {"provider": "fused", "op": "kl_sample", "B": 256, "d": 256}, "gpu_speedup_vs_compiled", (">=", 1.5)),
+    ("cosine_loss", {"provider": "fused", "op": "kl_sample", "B": 256, "d": 256}, "gpu_speedup_vs_compiled",
+     (">=", 1.5)),
     ("cosine_loss", {"provider": "fused", "op": "ll", "B": 256, "d": 256}, "gpu_speedup_vs_compiled", (">=", 1.5)),
     ("step", {"px": 32, "batch": 256, "variant": "b_fast*"}, "b_over_a", (">=", 3.5)),
     ("step", {"px": 32, "batch": 256, "variant": "b_fast*"}, "b_over_c", (">=", 1.2)),
@@ -137,7 +139,8 @@ def _env_text() -> str:
                                   capture_output=True, text=True, timeout=30).stdout.strip())
     except (OSError, subprocess.TimeoutExpired) as e:
         out.append(f"nvidia-smi: {e}")
-    code = "import torch, triton, platform; print(torch.__version__, torch.version.cuda, triton.__version__, platform.python_version())"
+    code = ("import torch, triton, platform; "
+            "print(torch.__version__, torch.version.cuda, triton.__version__, platform.python_version())")
     out.append(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip())
     try:
         out.append("git " + subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -152,7 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=540, help="total seconds for every stage together (default 9 min)")
     ap.add_argument("--stages", default="tests,ema,lars,lamb,cosine,step,e2e,data", help="a subset, run in priority order")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
-    ap.add_argument("--cifar", default=".gpu/cifar10-jpeg.tar.gz", help="the CIFAR-10 JPEG tar, carried into a git-ignored folder")
+    ap.add_argument("--cifar", default=".gpu/cifar10-jpeg.tar.gz",
+                    help="the CIFAR-10 JPEG tar, carried into a git-ignored folder")
     ap.add_argument("--tiny", action="store_true", help="tiny stages: the CPU test of this command")
     ap.add_argument("--cap", action="append", default=[], metavar="STAGE=SECONDS", help="override a stage's cap")
     a = ap.parse_args(argv)

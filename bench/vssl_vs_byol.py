@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import env_info, header, markdown_table, write_results
+from bench.common import RowSink, env_info, header, markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,9 @@ def main(argv=None):
                  "--method.proj_hidden_dim=64", "--method.pred_hidden_dim=64", "--method.denoiser_hidden_dim=64",
                  "--method.proj_output_dim=16"]
     runs = [("vssl", 1), ("byol", 1)] + ([("vssl", 2)] if a.repeat else [])
-    rows = []
+    env = env_info()
+    sink = RowSink("vssl_vs_byol", a.out, env)  # each run's row is on disk as soon as the run ends
+    rows = sink.rows
     for method, rep in runs:
         run_dir = work / f"{method}_{rep}"
         cmd = [sys.executable, str(REPO / "train.py"), *base, f"--method.method={method}", f"--run-dir={run_dir}"]
@@ -49,10 +51,10 @@ def main(argv=None):
         if r.returncode != 0:
             raise RuntimeError(f"{method} run failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         res = json.loads((run_dir / "results.json").read_text())
-        rows.append(dict(method=method, run=rep, epochs=res["epochs"], online_top1=res["online_top1"],
-                         knn_k20_top1=res.get("knn_k20_t0.07_top1"), knn_k200_top1=res.get("knn_k200_t0.1_top1"),
-                         wall_time_s=res["wall_time_s"], img_per_s=res["img_per_s"], run_dir=str(run_dir),
-                         command=" ".join(cmd[1:])))
+        sink.emit(dict(method=method, run=rep, epochs=res["epochs"], online_top1=res["online_top1"],
+                       knn_k20_top1=res.get("knn_k20_t0.07_top1"), knn_k200_top1=res.get("knn_k200_t0.1_top1"),
+                       wall_time_s=res["wall_time_s"], img_per_s=res["img_per_s"], run_dir=str(run_dir),
+                       command=" ".join(cmd[1:])))
     v = [r for r in rows if r["method"] == "vssl"]
     b = next(r for r in rows if r["method"] == "byol")
     summary = {"vssl_minus_byol_online": v[0]["online_top1"] - b["online_top1"],
@@ -60,12 +62,12 @@ def main(argv=None):
     if len(v) > 1:
         summary["vssl_repeat_spread_online"] = abs(v[0]["online_top1"] - v[1]["online_top1"])
         summary["vssl_repeat_spread_knn200"] = abs((v[0]["knn_k200_top1"] or 0) - (v[1]["knn_k200_top1"] or 0))
-    env = env_info()
     print(header("VSSL vs BYOL on CIFAR-10", env))
     print(markdown_table(rows, ["method", "run", "epochs", "online_top1", "knn_k20_top1", "knn_k200_top1", "wall_time_s",
                                 "img_per_s"]))
     print(json.dumps(summary, indent=2))
-    write_results("vssl_vs_byol", rows + [dict(summary=summary)], a.out, env)
+    sink.emit(dict(summary=summary))
+    rows = rows[:-1]
     return rows, summary
 
 

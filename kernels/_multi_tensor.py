@@ -124,6 +124,21 @@ def ptr_table(tensors: list[torch.Tensor], device) -> torch.Tensor:
     return device_int_tensor([t.data_ptr() for t in tensors], device)
 
 
+_PAIR_TABLES: dict = {}
+
+
+def pair_tables(a: list[torch.Tensor], b: list[torch.Tensor], device):
+    """(block map over ``a``, pointers of ``a``, pointers of ``b``) for two same-shape tensor lists
+    swept together (EMA teacher/student, restore destination/source); built once and cached."""
+    key = tuple((x.data_ptr(), y.data_ptr(), x.numel()) for x, y in zip(a, b))
+    tab = _PAIR_TABLES.get(key)
+    if tab is None:
+        if len(_PAIR_TABLES) > 64:
+            _PAIR_TABLES.clear()
+        tab = _PAIR_TABLES[key] = (BlockMap(a, device), ptr_table(a, device), ptr_table(b, device))
+    return tab
+
+
 def grad_table(tab: dict, params: list[torch.Tensor], device) -> torch.Tensor:
     """The gradient pointer table, rebuilt only when a gradient moved.
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import require_triton, triton_available
-from ._multi_tensor import TL_DTYPES, BlockMap, check_span_layout, ptr_table
+from ._multi_tensor import TL_DTYPES, check_span_layout, pair_tables
 
 __all__ = ["ema_update_", "ema_update_reference_", "ema_update_loop_"]
 
@@ -48,7 +48,6 @@ def _ema_fwd_kernel(t_ptrs, s_ptrs, sizes, blk_tensor, blk_start, tau_ptr, tau_v
     tl.store(tp + offs, out.to(DTYPE), mask=mask)
 
 
-_TABLES: dict = {}
 
 
 def _check_lists(fn, teacher, student):
@@ -63,17 +62,6 @@ def _check_lists(fn, teacher, student):
         if not t.is_floating_point():
             raise TypeError(f"{fn}: tensor {i} is {t.dtype}; EMA averages floating-point parameters only")
     return teacher, student
-
-
-def _tables(teacher, student, device):
-    """(block map, teacher pointers, student pointers), built once per tensor list and cached."""
-    key = tuple((t.data_ptr(), s.data_ptr(), t.numel()) for t, s in zip(teacher, student))
-    tab = _TABLES.get(key)
-    if tab is None:
-        if len(_TABLES) > 64:
-            _TABLES.clear()
-        tab = _TABLES[key] = (BlockMap(teacher, device), ptr_table(teacher, device), ptr_table(student, device))
-    return tab
 
 
 @torch.no_grad()
@@ -111,7 +99,7 @@ def ema_update_(teacher, student, tau, impl: str = "auto") -> None:
         if dt not in TL_DTYPES:
             ema_update_reference_(ts, ss, tau)
             continue
-        bm, t_ptrs, s_ptrs = _tables(ts, ss, device)
+        bm, t_ptrs, s_ptrs = pair_tables(ts, ss, device)
         _ema_fwd_kernel[(bm.num_blocks,)](t_ptrs, s_ptrs, bm.sizes, bm.blk_tensor, bm.blk_start, tau_t,
                                           0.0 if tau_is_ptr else float(tau), TAU_IS_PTR=tau_is_ptr,
                                           DTYPE=TL_DTYPES[dt], BLOCK=bm.block)

@@ -19,13 +19,12 @@ import triton
 import triton.language as tl
 
 from ._common import triton_available
-from ._multi_tensor import BlockMap, _block_coords, check_span_layout, ptr_table
+from ._multi_tensor import _block_coords, check_span_layout, pair_tables
 
 __all__ = ["restore_where_", "restore_where_reference_"]
 
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.int64: tl.int64,
            torch.int32: tl.int32}
-_TABLES: dict = {}
 
 
 @triton.jit
@@ -77,13 +76,7 @@ def restore_where_(dst, src, flag, impl: str = "auto") -> None:
         groups[d.dtype][0].append(d)
         groups[d.dtype][1].append(s)
     for dt, (ds, ss) in groups.items():
-        key = tuple((d.data_ptr(), s.data_ptr(), d.numel()) for d, s in zip(ds, ss))
-        tab = _TABLES.get(key)
-        if tab is None:
-            if len(_TABLES) > 64:
-                _TABLES.clear()
-            tab = _TABLES[key] = (BlockMap(ds, device), ptr_table(ds, device), ptr_table(ss, device))
-        bm, d_ptrs, s_ptrs = tab
+        bm, d_ptrs, s_ptrs = pair_tables(ds, ss, device)
         _restore_fwd_kernel[(bm.num_blocks,)](d_ptrs, s_ptrs, bm.blk_tensor, bm.blk_start, bm.sizes, f,
                                               DTYPE=_DTYPES[dt], BLOCK=bm.block)
 

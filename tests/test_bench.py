@@ -1,6 +1,7 @@
 """Every benchmark is one command that runs end to end at a tiny size on the CPU (GPU figures: bench/RESULTS.md)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -65,7 +66,8 @@ def test_e2e_and_vssl_vs_byol_commands_tiny(cifar_tiny_tar, tmp_path, monkeypatc
                                        "--work", str(tmp_path / "cmp"), "--out", "", f"--data.cache_dir={tmp_path / 'c'}"])
     assert [r["method"] for r in rows] == ["vssl", "byol", "vssl"]
     for r in rows:  # the table comes from each run's own results.json
-        res = __import__("json").loads((tmp_path / "cmp" / f"{r['method']}_{r['run']}" / "results.json").read_text())
+        res = json.loads((Path(r["run_dir"]) / "results.json").read_text())
+        assert Path(r["run_dir"]).parent.parent == tmp_path / "cmp" and Path(r["run_dir"]).name == f"{r['method']}_{r['run']}"
         assert r["online_top1"] == res["online_top1"] and r["knn_k200_top1"] == res["knn_k200_t0.1_top1"]
     assert summary["vssl_repeat_spread_online"] == 0.0  # same seed, same CPU: identical
 

@@ -49,15 +49,15 @@ def test_tau_one_is_identity_and_tau_zero_copies(kernel_device):
 
 
 def test_tensor_tau_changes_without_new_tables(kernel_device):
-    from vssl_fast.kernels import ema as ema_mod
+    from vssl_fast.kernels import _multi_tensor as mt
 
     t, s = _lists(kernel_device, seed=2)
-    ema_mod._TABLES.clear()
+    mt._PAIR_TABLES.clear()
     tau = torch.tensor(0.9, device=kernel_device)
     for k in range(3):
         tau.fill_(0.9 + 0.03 * k)
         ema_update_(t, s, tau, impl="triton")
-    assert len(ema_mod._TABLES) == 1
+    assert len(mt._PAIR_TABLES) == 1
 
 
 def test_bf16_and_mixed_dtype_lists(kernel_device):

@@ -11,11 +11,11 @@ import pytest
 import torch
 from helpers import tiny_backbone
 from helpers_train import tiny_args
+from vssl_fast.kernels import FusedLARS
+from vssl_fast.kernels._common import interpret_mode
 
 from vssl_fast import models
 from vssl_fast.config import device_formats, load_config
-from vssl_fast.kernels import FusedLARS
-from vssl_fast.kernels._common import interpret_mode
 from vssl_fast.trainer import Trainer
 
 GPU_DEFAULTS = ["--model.channels_last=true", "--train.precision=bf16", "--method.impl=fused", "--optim.impl=fused",

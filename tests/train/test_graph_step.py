@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 from helpers import tiny_model
+from vssl_fast.kernels import FusedLARS, LARSReference
 
 from vssl_fast.config import OptimConfig
-from vssl_fast.kernels import FusedLARS, LARSReference
 from vssl_fast.method import MethodConfig
 from vssl_fast.step import TrainStep
 
@@ -62,7 +62,7 @@ def test_static_step_equals_the_eager_step_bit_for_bit(kernel_device):
     batches = _batches(6, kernel_device, nan_at=3)  # step 3 is non-finite: skipped by both
     eager, static = _stepper(base, "off", kernel_device), _stepper(base, "static", kernel_device)
     le, ls = _run(eager, batches), _run(static, batches)
-    for k, (a, b) in enumerate(zip(le, ls)):
+    for a, b in zip(le, ls):
         _assert_same(list(a.values()), list(b.values()))
     assert int(eager.skipped) == int(static.skipped) == 1
     _assert_same(_state(eager), _state(static))
