@@ -100,7 +100,10 @@ class TrainStep:
         else:
             if self._static is None:
                 self._static = tuple(torch.empty_like(t) for t in (x1, x2, y))  # same layout as the loader's
-            for buf, t in zip(self._static, (x1, x2, y)):
+            for name, buf, t in zip(("x1", "x2", "y"), self._static, (x1, x2, y)):
+                if t.shape != buf.shape or t.dtype != buf.dtype:
+                    raise ValueError(f"TrainStep(graph={self.graph_mode!r}): batch {name} is {tuple(t.shape)} {t.dtype}, "
+                                     f"the static buffer {tuple(buf.shape)} {buf.dtype}; graph modes need fixed batches")
                 buf.copy_(t)
             parts = self._graph_step() if self.graph_mode == "on" else self._device_step(*self._static)
         self.step += 1

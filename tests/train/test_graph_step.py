@@ -98,6 +98,11 @@ def test_graph_modes_refuse_what_cannot_be_captured():
         TrainStep(model, model, ref, MethodConfig(proj_output_dim=D), OptimConfig(), torch.device("cpu"), graph="static")
     with pytest.raises(ValueError, match="on a CPU use graph='static'"):
         _stepper(base, "on", torch.device("cpu"))
+    step = _stepper(base, "static", torch.device("cpu"), impl="reference")
+    x1, x2, y = _batches(1, torch.device("cpu"))[0]
+    step(x1, x2, y)
+    with pytest.raises(ValueError, match=r"batch x1 is \(3, 3, 8, 8\).*graph modes need fixed batches"):
+        step(x1[:3], x2[:3], y[:3])
 
 
 @pytest.mark.gpu
