@@ -14,7 +14,8 @@ device or the image size, so it is measured on the CPU at a tiny size:
 - ``host_ms``: median wall time of the step here with the Triton kernels counted but not run
   (ATen's CPU work at 16 px plus Python: an upper bound of the host's share on a GPU).
 
-The loader is counted separately per batch (two augmented views of the device-resident CIFAR).
+The loader is counted separately per batch (two augmented views of the device-resident CIFAR),
+averaged over a chunk of ``data.aug_chunk`` steps augmented in one call.
 ``tests/train/test_dispatch_budget.py`` fails when a count rises above the bound recorded there.
 """
 
@@ -120,40 +121,43 @@ def count_step(device, channels_last=True, timed=False) -> dict:
             "top_ops": dict(c.ops.most_common(12)), "optimizer": type(step.opt).__name__}
 
 
-def count_loader(device) -> dict:
+def count_loader(device, chunk: int = 16) -> dict:
+    """Ops per batch of the device CIFAR loader, averaged over one chunk of ``chunk`` batches."""
     from vssl_fast.data.augment import view_specs
     from vssl_fast.data.loader import DeviceTwoViewLoader
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
-    y = torch.randint(0, 10, (64,), generator=g).to(device)
-    ld = DeviceTwoViewLoader(x, y, 16, view_specs("cifar10"), 0, out_dtype=torch.float32)
+    x = torch.randint(0, 256, (16 * 2 * chunk, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
+    y = torch.randint(0, 10, (x.shape[0],), generator=g).to(device)
+    ld = DeviceTwoViewLoader(x, y, 16, view_specs("cifar10"), 0, out_dtype=torch.float32, chunk=chunk)
     it = iter(ld)
-    next(it)
-    c = OpCounter()
-    with c.counting():
+    for _ in range(chunk):  # the first chunk: warm
         next(it)
+    c = OpCounter()
     t0 = time.perf_counter()
-    next(it)
-    return {"aten_ops": sum(c.ops.values()), "triton_launches": c.triton, "host_ms": (time.perf_counter() - t0) * 1e3,
-            "top_ops": dict(c.ops.most_common(12))}
+    with c.counting():
+        for _ in range(chunk):
+            next(it)
+    return {"aten_ops": sum(c.ops.values()) / chunk, "triton_launches": c.triton / chunk, "chunk": chunk,
+            "host_ms": (time.perf_counter() - t0) * 1e3 / chunk, "top_ops": dict(c.ops.most_common(12))}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--contiguous", action="store_true", help="contiguous weights (the only layout before issue 11)")
+    ap.add_argument("--chunk", type=int, default=16, help="loader steps augmented per call (data.aug_chunk)")
     ap.add_argument("--time", action="store_true", help="also the host ms per step (slow on a CPU: bf16 convolutions)")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    res = {"step": count_step(device, not a.contiguous, a.time), "loader": count_loader(device)}
+    res = {"step": count_step(device, not a.contiguous, a.time), "loader": count_loader(device, a.chunk)}
     if a.json:
         print(json.dumps(res))
     else:
         for k, v in res.items():
             ms = f"{v['host_ms']:.1f} host ms" if v["host_ms"] is not None else "host ms not timed"
-            print(f"{k}: {v['aten_ops']} ATen ops, {v['triton_launches']} Triton launches, {ms}; "
+            print(f"{k}: {v['aten_ops']:g} ATen ops, {v['triton_launches']:g} Triton launches, {ms}; "
                   f"most frequent: {v['top_ops']}")
     return res
 

@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from vssl_fast.kernels import _multi_tensor as mt  # noqa: E402
 from vssl_fast.kernels import cosine_loss as cl  # noqa: E402
-from vssl_fast.kernels import ema, lamb, lars  # noqa: E402
+from vssl_fast.kernels import ema, lamb, lars, restore  # noqa: E402
 
 F32, BF16 = tl.float32, tl.bfloat16
 P = "*fp32"
@@ -60,14 +60,19 @@ def cases():
             "g_ptrs": "*i64", "p_ptrs": "*i64", "m_ptrs": "*i64", "v_ptrs": "*i64", "ws": P, "ws_off": "*i64", **tab,
             "part_u": P, "clip_ptr": P, "step_ptr": "*i64", "skip_ptr": "*i32", "beta1": "fp32", "beta2": "fp32",
             "beta3": "fp32", "eps": "fp32", "wd": "fp32"}, dict(BIAS_CORRECTION=bc, ADAM_W=aw, DTYPE=F32, BLOCK=4096)
-    for nv in (True, False):
+    for nv, lr_is_ptr in ((True, True), (False, False)):
         yield "lamb2", lamb._lamb_stage2_kernel, {
             "p_ptrs": "*i64", "ws": P, "ws_off": "*i64", **tab, "p_sumsq": P, "u_sumsq": P, "step_ptr": "*i64",
-            "skip_ptr": "*i32", "lr": "fp32", "wd": "fp32"}, dict(USE_NVLAMB=nv, DTYPE=BF16, BLOCK=4096)
-    yield "lars", lars._lars_kernel, {
-        "g_ptrs": "*i64", "p_ptrs": "*i64", "buf_ptrs": "*i64", **tab, "p_sumsq": P, "g_sumsq": P, "exclude": "*i32",
-        "skip_ptr": "*i32", "lr": "fp32", "wd": "fp32", "eta": "fp32", "eps": "fp32", "momentum": "fp32"}, \
-        dict(CLIP_LR=True, DTYPE=F32, BLOCK=4096)
+            "skip_ptr": "*i32", "lr_ptr": P, "lr_val": "fp32", "wd": "fp32"}, \
+            dict(LR_IS_PTR=lr_is_ptr, USE_NVLAMB=nv, DTYPE=BF16, BLOCK=4096)
+    for lr_is_ptr in (True, False):
+        yield "lars", lars._lars_kernel, {
+            "g_ptrs": "*i64", "p_ptrs": "*i64", "buf_ptrs": "*i64", **tab, "p_sumsq": P, "g_sumsq": P, "exclude": "*i32",
+            "skip_ptr": "*i32", "lr_ptr": P, "lr_val": "fp32", "wd": "fp32", "eta": "fp32", "eps": "fp32",
+            "momentum": "fp32"}, dict(LR_IS_PTR=lr_is_ptr, CLIP_LR=True, DTYPE=F32, BLOCK=4096)
+    for dt in (F32, tl.int64):
+        yield "restore", restore._restore_fwd_kernel, {"d_ptrs": "*i64", "s_ptrs": "*i64", **tab, "flag_ptr": "*i32"}, \
+            dict(DTYPE=dt, BLOCK=4096)
 
 
 def main() -> int:

@@ -47,6 +47,7 @@ class DataConfig:
     # one per core for the torchvision path, min(4, cores) for DALI on a GPU (none on a CPU) and for evaluation)
     max_bad_fraction: float = 0.01  # image folders: a run fails when more than this share of a split's files is bad
     loader: str = "auto"  # auto | gpu (device-resident CIFAR) | dali | torchvision
+    aug_chunk: int = 0  # device CIFAR: steps augmented per batched call (0 = auto: 16 on CUDA, 1 on a CPU)
 
 
 @dataclass
@@ -155,7 +156,8 @@ class Config:
             if val < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {val}")
         counts = [("train.max_steps", self.train.max_steps), ("data.train_subset", self.data.train_subset),
-                  ("data.val_subset", self.data.val_subset), ("data.workers", self.data.workers)]
+                  ("data.val_subset", self.data.val_subset), ("data.workers", self.data.workers),
+                  ("data.aug_chunk", self.data.aug_chunk)]
         for key, val in counts:
             if val < 0:
                 raise ConfigError(f"{key}: must be >= 0 (0 = no limit, or the default), got {val}")

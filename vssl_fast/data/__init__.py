@@ -75,7 +75,9 @@ def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> Data
         train_x, val_x = _to_device_uint8(tx, device), _to_device_uint8(vx, device)
         train_y, val_y = torch.from_numpy(ty).to(device), torch.from_numpy(vy).to(device)
         specs = view_specs(d.dataset, d.augmentations, d.crop_size)
-        train = DeviceTwoViewLoader(train_x, train_y, cfg.train.batch_size, specs, cfg.train.seed, rank, world, cl, dt)
+        chunk = d.aug_chunk or (16 if device.type == "cuda" else 1)  # auto: launches, not pixels, cost on a GPU
+        train = DeviceTwoViewLoader(train_x, train_y, cfg.train.batch_size, specs, cfg.train.seed, rank, world, cl, dt,
+                                    chunk=chunk)
         mean, std = MEANS_STDS["cifar_val"]
         ebs = max(cfg.train.batch_size, 256)
         edt = eval_input_dtype(cfg)
@@ -86,7 +88,7 @@ def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> Data
             bx, by = bx.index_select(0, keep), by.index_select(0, keep)
         bank = DeviceEvalLoader(bx, by, ebs, mean, std, rank, world, cl, edt)
         desc = (f"device-resident {d.dataset} ({len(tx)} train / {len(vx)} val images of {tx.shape[1]}x{tx.shape[2]} "
-                f"on {device}), two views augmented on {device}")
+                f"on {device}), two views augmented on {device}, {chunk} steps per augmentation call")
         return DataBundle(train, val, bank, arr.num_classes, desc)
     from vssl_fast.data.folder import build_folder_data
 

@@ -4,8 +4,10 @@ Order and sharding (``epoch_indices``, shared with the image-folder loaders): ea
 permutation of the training set from (seed, epoch), the same on every rank; the global batch
 ``world * batch_size`` is cut into per-rank slices (drop-last), so ranks read disjoint shards and
 every rank has exactly ``steps_per_epoch`` batches in every epoch. Augmentations draw from a generator seeded by
-(seed, rank, epoch, step): batches are deterministic, differ across ranks, and a run resumed
-mid-epoch from ``state_dict()`` (epoch, step) produces exactly the batches it would have.
+(seed, rank, epoch, step) — per chunk of ``chunk`` steps augmented in one call, seeded by the
+chunk's first step — so batches are deterministic, differ across ranks, and a run resumed
+mid-epoch (mid-chunk too) from ``state_dict()`` (epoch, step) produces exactly the batches it
+would have. ``chunk`` is part of that stream: resume with the same value.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class DeviceTwoViewLoader:
     """Yields (view1, view2, labels) batches of ``batch_size`` per rank, both views augmented on the device."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, specs: tuple[ViewSpec, ViewSpec],
-                 seed: int, rank: int = 0, world: int = 1, channels_last: bool = False, out_dtype=torch.float32):
+                 seed: int, rank: int = 0, world: int = 1, channels_last: bool = False, out_dtype=torch.float32,
+                 chunk: int = 1):
         if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
@@ -58,16 +61,23 @@ class DeviceTwoViewLoader:
         self.steps_per_epoch = images.shape[0] // (world * batch_size)
         if self.steps_per_epoch < 1:
             raise ValueError(f"{images.shape[0]} training images cannot fill one global batch of {world} x {batch_size}")
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1 (steps augmented per call), got {chunk}")
+        self.chunk = chunk
         self.epoch, self.step = 0, 0
         self._perm_epoch, self._perm = None, None
+        self._chunk_key, self._chunk_views = None, None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "world": self.world}
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "world": self.world, "chunk": self.chunk}
 
     def load_state_dict(self, st: dict) -> None:
         if st.get("world", self.world) != self.world or st.get("seed", self.seed) != self.seed:
             raise ValueError(f"loader state was saved with world={st.get('world')} seed={st.get('seed')}, "
                              f"resuming with world={self.world} seed={self.seed}")
+        if st.get("chunk", 1) != self.chunk:
+            raise ValueError(f"loader state was saved with data.aug_chunk={st.get('chunk', 1)}, resuming with "
+                             f"{self.chunk}: the augmentation stream depends on it; resume with the same value")
         self.epoch, self.step = int(st["epoch"]), int(st["step"])
 
     def _indices(self, epoch: int) -> torch.Tensor:
@@ -78,11 +88,30 @@ class DeviceTwoViewLoader:
         return self._perm
 
     def batch(self, epoch: int, step: int):
-        idx = self._indices(epoch)[step]
+        """Batch ``step`` of ``epoch``: a slice of its chunk's views (the chunk is augmented once)."""
+        c, k = divmod(step, self.chunk)
+        if self._chunk_key != (epoch, c):
+            self._chunk_views = self._augment_chunk(epoch, c)
+            self._chunk_key = (epoch, c)
+        b = self.batch_size
+        v1, v2, y = self._chunk_views
+        return v1[k * b:(k + 1) * b], v2[k * b:(k + 1) * b], y[k * b:(k + 1) * b]
+
+    def _augment_chunk(self, epoch: int, c: int):
+        """Steps ``[c K, (c + 1) K)`` of the epoch in one batched call per view (``K = chunk``).
+
+        At CIFAR size the augmentation's cost is the number of small kernels it issues, not the
+        pixels: one call for K steps issues the same kernels as one call for one step. The draws
+        come from a generator seeded by (seed, rank, epoch, first step of the chunk), so with
+        ``chunk=1`` every batch is what it always was, and any (epoch, step) is a pure function of
+        the chunk size: a run resumed in the middle of a chunk regenerates that chunk.
+        """
+        first = c * self.chunk
+        idx = self._indices(epoch)[first:first + self.chunk].reshape(-1)
         x = self.images.index_select(0, idx)
-        g = torch.Generator(device=self.images.device).manual_seed(batch_seed(self.seed, self.rank, epoch, step))
+        g = torch.Generator(device=self.images.device).manual_seed(batch_seed(self.seed, self.rank, epoch, first))
         views = [augment(x, spec, g).to(self.out_dtype) for spec in self.specs]
-        if self.channels_last:
+        if self.channels_last:  # dim 0 stays outermost: every batch slice is channels-last contiguous
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         return views[0], views[1], self.labels.index_select(0, idx)
 
