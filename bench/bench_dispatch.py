@@ -72,7 +72,8 @@ class OpCounter(TorchDispatchMode):
                 setattr(cls, name, fn)
 
 
-def _tiny_step(device, channels_last=True, precision="bf16"):
+def _tiny_step(device, channels_last=True):
+    """The fast step in the GPU configuration (bf16 autocast and images), tiny batch."""
     from vssl_fast.kernels._common import interpret_mode
 
     from vssl_fast.config import load_config
@@ -81,7 +82,7 @@ def _tiny_step(device, channels_last=True, precision="bf16"):
     from vssl_fast.step import TrainStep
 
     cfg = load_config(["--preset", "cifar10", "--data.crop_size=16", "--train.batch_size=8",
-                       f"--model.channels_last={str(channels_last).lower()}", f"--train.precision={precision}",
+                       f"--model.channels_last={str(channels_last).lower()}", "--train.precision=bf16",
                        "--method.proj_hidden_dim=32", "--method.pred_hidden_dim=32", "--method.denoiser_hidden_dim=32",
                        "--method.proj_output_dim=16"])
     if device.type == "cuda" or interpret_mode():
@@ -99,11 +100,11 @@ def _tiny_step(device, channels_last=True, precision="bf16"):
     fmt = (lambda t: t.contiguous(memory_format=torch.channels_last)) if cl else (lambda t: t)
     xs = [fmt(torch.randn(8, 3, 16, 16, generator=g).to(device, img_dtype)) for _ in range(2)]
     y = torch.randint(0, 10, (8,), generator=g).to(device)
-    return step, (xs[0], xs[1], y), cfg
+    return step, (xs[0], xs[1], y)
 
 
 def count_step(device, channels_last=True, timed=False) -> dict:
-    step, batch, cfg = _tiny_step(device, channels_last)
+    step, batch = _tiny_step(device, channels_last)
     with OpCounter().counting(dispatch=False):
         step(*batch)  # first step: optimizer state, pointer tables
     step.schedule(10, 100)

@@ -43,7 +43,7 @@ def main(argv=None):
     runs = [("vssl", 1), ("byol", 1)] + ([("vssl", 2)] if a.repeat else [])
     env = env_info()
     sink = RowSink("vssl_vs_byol", a.out, env)  # each run's row is on disk as soon as the run ends
-    rows = sink.rows
+    rows = []
     for method, rep in runs:
         run_dir = work / f"{method}_{rep}"
         cmd = [sys.executable, str(REPO / "train.py"), *base, f"--method.method={method}", f"--run-dir={run_dir}"]
@@ -51,10 +51,11 @@ def main(argv=None):
         if r.returncode != 0:
             raise RuntimeError(f"{method} run failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         res = json.loads((run_dir / "results.json").read_text())
-        sink.emit(dict(method=method, run=rep, epochs=res["epochs"], online_top1=res["online_top1"],
-                       knn_k20_top1=res.get("knn_k20_t0.07_top1"), knn_k200_top1=res.get("knn_k200_t0.1_top1"),
-                       wall_time_s=res["wall_time_s"], img_per_s=res["img_per_s"], run_dir=str(run_dir),
-                       command=" ".join(cmd[1:])))
+        rows.append(dict(method=method, run=rep, epochs=res["epochs"], online_top1=res["online_top1"],
+                         knn_k20_top1=res.get("knn_k20_t0.07_top1"), knn_k200_top1=res.get("knn_k200_t0.1_top1"),
+                         wall_time_s=res["wall_time_s"], img_per_s=res["img_per_s"], run_dir=str(run_dir),
+                         command=" ".join(cmd[1:])))
+        sink.emit(rows[-1])
     v = [r for r in rows if r["method"] == "vssl"]
     b = next(r for r in rows if r["method"] == "byol")
     summary = {"vssl_minus_byol_online": v[0]["online_top1"] - b["online_top1"],
@@ -67,7 +68,6 @@ def main(argv=None):
                                 "img_per_s"]))
     print(json.dumps(summary, indent=2))
     sink.emit(dict(summary=summary))
-    rows = rows[:-1]
     return rows, summary
 
 

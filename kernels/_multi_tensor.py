@@ -124,6 +124,16 @@ def ptr_table(tensors: list[torch.Tensor], device) -> torch.Tensor:
     return device_int_tensor([t.data_ptr() for t in tensors], device)
 
 
+def pairs_by_dtype(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
+    """{dtype: (tensors of ``a``, their partners in ``b``)}: one launch per dtype for paired sweeps."""
+    groups: dict = {}
+    for x, y in zip(a, b):
+        xs, ys = groups.setdefault(x.dtype, ([], []))
+        xs.append(x)
+        ys.append(y)
+    return groups
+
+
 _PAIR_TABLES: dict = {}
 
 
@@ -227,9 +237,8 @@ class DeviceLR:
 
     def set_device_lrs(self) -> None:
         for gi, group in enumerate(self.param_groups):
-            params = [p for p in group["params"]]
-            if params:
-                self.lr_tensor(gi, params[0].device).fill_(float(group["lr"]))
+            if group["params"]:
+                self.lr_tensor(gi, group["params"][0].device).fill_(float(group["lr"]))
 
     def _lr_args(self, gi: int, group: dict, device, dummy: torch.Tensor):
         """(pointer, value, LR_IS_PTR) for a launch."""

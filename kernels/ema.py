@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import require_triton, triton_available
-from ._multi_tensor import TL_DTYPES, check_span_layout, pair_tables
+from ._multi_tensor import TL_DTYPES, check_span_layout, pair_tables, pairs_by_dtype
 
 __all__ = ["ema_update_", "ema_update_reference_", "ema_update_loop_"]
 
@@ -46,8 +46,6 @@ def _ema_fwd_kernel(t_ptrs, s_ptrs, sizes, blk_tensor, blk_start, tau_ptr, tau_v
     # torch's lerp as nvcc contracts it: fma(w, diff, t) or fma(-diff, 1 - w, s)
     out = tl.where(w < 0.5, tl.fma(w, diff, t), tl.fma(-diff, 1.0 - w, s))
     tl.store(tp + offs, out.to(DTYPE), mask=mask)
-
-
 
 
 def _check_lists(fn, teacher, student):
@@ -88,11 +86,7 @@ def ema_update_(teacher, student, tau, impl: str = "auto") -> None:
     require_triton("ema_update_", device)
     for i, (t, s) in enumerate(zip(teacher, student)):  # before anything is written
         check_span_layout("ema_update_", i, t, {"student tensor": s})
-    groups: dict = {}
-    for t, s in zip(teacher, student):
-        groups.setdefault(t.dtype, ([], []))
-        groups[t.dtype][0].append(t)
-        groups[t.dtype][1].append(s)
+    groups = pairs_by_dtype(teacher, student)
     tau_is_ptr = isinstance(tau, torch.Tensor)
     tau_t = tau.reshape(()).to(device=device) if tau_is_ptr else teacher[0]
     for dt, (ts, ss) in groups.items():

@@ -19,12 +19,11 @@ import triton
 import triton.language as tl
 
 from ._common import triton_available
-from ._multi_tensor import _block_coords, check_span_layout, pair_tables
+from ._multi_tensor import TL_DTYPES, _block_coords, check_span_layout, pair_tables, pairs_by_dtype
 
 __all__ = ["restore_where_", "restore_where_reference_"]
 
-_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.int64: tl.int64,
-           torch.int32: tl.int32}
+_DTYPES = {**TL_DTYPES, torch.int64: tl.int64, torch.int32: tl.int32}  # bits are moved, so integers too
 
 
 @triton.jit
@@ -70,12 +69,7 @@ def restore_where_(dst, src, flag, impl: str = "auto") -> None:
     for i, (d, s) in enumerate(zip(dst, src)):
         check_span_layout("restore_where_", i, d, {"source": s})
     f = _flag(flag, device)
-    groups: dict = {}
-    for d, s in zip(dst, src):
-        groups.setdefault(d.dtype, ([], []))
-        groups[d.dtype][0].append(d)
-        groups[d.dtype][1].append(s)
-    for dt, (ds, ss) in groups.items():
+    for dt, (ds, ss) in pairs_by_dtype(dst, src).items():
         bm, d_ptrs, s_ptrs = pair_tables(ds, ss, device)
         _restore_fwd_kernel[(bm.num_blocks,)](d_ptrs, s_ptrs, bm.blk_tensor, bm.blk_start, bm.sizes, f,
                                               DTYPE=_DTYPES[dt], BLOCK=bm.block)
