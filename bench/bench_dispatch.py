@@ -143,15 +143,67 @@ def count_loader(device, chunk: int = 16) -> dict:
             "host_ms": (time.perf_counter() - t0) * 1e3 / chunk, "top_ops": dict(c.ops.most_common(12))}
 
 
+def count_optimizers(device, tiny: bool = False, reps: int = 30) -> dict:
+    """Per call of each multi-tensor kernel family over the ImageNet-100 model's parameters (86
+    tensors, 28.1M elements; ``tiny``: a handful): ATen ops, Triton launches and host microseconds
+    with the launches counted, not run (the Python around the kernels: plans, checks, tables).
+    Needs a device where the Triton path runs (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    from vssl_fast.kernels import FusedLAMB, FusedLARS, ema_update_, restore_where_
+    from vssl_fast.kernels._common import triton_available
+
+    from bench.common import model_param_set
+
+    if not triton_available(device):
+        return {}
+    _, t, s, groups = model_param_set(device, tiny)
+
+    def fresh():
+        return [{k: (list(v) if k == "params" else v) for k, v in g.items()} for g in groups]
+
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    tau = torch.tensor(0.99, device=device)
+    lamb, lars = FusedLAMB(fresh(), lr=1e-3, weight_decay=1e-5), FusedLARS(fresh(), lr=0.3, weight_decay=1e-5)
+    n_opt = sum(len(g["params"]) for g in groups)
+    cases = {"FusedLAMB.step": (lambda: lamb.step(skip=flag), n_opt), "FusedLARS.step": (lambda: lars.step(skip=flag), n_opt),
+             "ema_update_": (lambda: ema_update_(t, s, tau), len(t)),
+             "restore_where_": (lambda: restore_where_(t, s, flag), len(t))}
+    out = {}
+    for name, (fn, n_tensors) in cases.items():
+        with OpCounter().counting(dispatch=False):
+            fn()  # the first call builds the plan
+        c = OpCounter()
+        with c.counting():
+            fn()
+        times = []
+        with OpCounter().counting(dispatch=False):
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e6)
+        out[name] = {"aten_ops": sum(c.ops.values()), "triton_launches": c.triton,
+                     "host_us": statistics.median(times), "ops": dict(c.ops), "tensors": n_tensors}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--contiguous", action="store_true", help="contiguous weights (the only layout before issue 11)")
     ap.add_argument("--chunk", type=int, default=16, help="loader steps augmented per call (data.aug_chunk)")
     ap.add_argument("--time", action="store_true", help="also the host ms per step (slow on a CPU: bf16 convolutions)")
+    ap.add_argument("--optim", action="store_true", help="only the optimizer/EMA/restore calls over the ImageNet-100 "
+                    "parameter set (on a CPU: set TRITON_INTERPRET=1)")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if a.optim:
+        res = count_optimizers(device)
+        if not res:
+            raise SystemExit("bench_dispatch --optim: the Triton path cannot run here (no CUDA; set TRITON_INTERPRET=1)")
+        for k, v in res.items():
+            print(f"{k}: {v['aten_ops']} ATen ops, {v['triton_launches']} Triton launches, {v['host_us']:.0f} host us "
+                  f"(launches not run) over {v['tensors']} tensors; {v['ops']}")
+        return res
     res = {"step": count_step(device, not a.contiguous, a.time), "loader": count_loader(device, a.chunk)}
     if a.json:
         print(json.dumps(res))

@@ -41,7 +41,15 @@ def env_info() -> dict:
         "git": rev,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        "launch": _launch_source(cuda),
     }
+
+
+def _launch_source(cuda: bool) -> str:
+    """Which launch settings the kernels use here (``kernels/launch.py``): measured, defaults or interpreter."""
+    from vssl_fast.kernels import launch
+
+    return launch.source(torch.device("cuda" if cuda else "cpu"))
 
 
 def peak_bandwidth_gbps() -> float | None:

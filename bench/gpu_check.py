@@ -9,9 +9,11 @@ priority order (correctness first); each gets at most its own cap and what is le
 Every benchmark appends its JSON rows as each case ends, so a stage cut by its limit keeps what
 it measured; first-time compilation is reported apart (``first_call_s``), never in a timing.
 
-Leaves at most 5 files in OUT: ``env.txt`` (card, driver, versions), ``rows.jsonl`` (every row),
+Leaves at most 6 files in OUT: ``env.txt`` (card, driver, versions), ``rows.jsonl`` (every row),
 ``summary.md`` (every figure against its goal, also printed), ``stages.json`` (each stage's exit
-code, seconds, and whether it was cut or skipped) and ``logs.tar.gz`` (each stage's full log).
+code, seconds, and whether it was cut or skipped), ``logs.tar.gz`` (each stage's full log) and
+``launch_table.json`` (the ``tune`` stage's measured launch settings for this card, which every later
+stage uses; copy it to ``kernels/launch_table.json`` to make it the product's).
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ def stages(out: Path, cifar: str) -> list[Stage]:
     return [
         Stage("tests", 200, 60, py + ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *kernel_tests],
               py + ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels/test_restore.py"]),
+        Stage("tune", 150, 60, py + ["-m", "bench.tune_launch", "--out", rows, "--table", str(out / "launch_table.json"),
+                                     "--budget", "120"],
+              py + ["-m", "bench.tune_launch", "--tiny", "--families", "ema", "--cap", "sm_90", "--out", rows,
+                    "--table", str(out / "launch_table.json")]),
         Stage("ema", 60, 20, m("bench_ema"), m("bench_ema", "--tiny")),
         Stage("lars", 60, 20, m("bench_lars"), m("bench_lars", "--tiny")),
         Stage("lamb", 60, 20, m("bench_lamb"), m("bench_lamb", "--tiny")),
@@ -153,7 +159,8 @@ def _env_text() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-s", type=float, default=540, help="total seconds for every stage together (default 9 min)")
-    ap.add_argument("--stages", default="tests,ema,lars,lamb,cosine,step,e2e,data", help="a subset, run in priority order")
+    ap.add_argument("--stages", default="tests,tune,ema,lars,lamb,cosine,step,e2e,data",
+                    help="a subset, run in priority order")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--cifar", default=".gpu/cifar10-jpeg.tar.gz",
                     help="the CIFAR-10 JPEG tar, carried into a git-ignored folder")
@@ -173,6 +180,8 @@ def main(argv=None) -> int:
         name, _, secs = c.partition("=")
         caps[name] = float(secs)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if "tune" in wanted:  # the stages after it launch with the settings it measured (rows say which: 'launch')
+        env["VSSL_LAUNCH_TABLE"] = str(out / "launch_table.json")
     if a.tiny:
         env.setdefault("TRITON_INTERPRET", "0" if _has_cuda() else "1")
     info, logs = [], {}

@@ -1,11 +1,21 @@
-"""Multi-tensor plumbing shared by the fused optimizers: pointer tables, block maps, norms.
+"""Multi-tensor plumbing shared by the fused optimizers, EMA and restore: plans, block maps, norms.
 
 A multi-tensor launch sweeps many tensors in one grid. Program ``i`` handles elements
 ``[blk_start[i], blk_start[i] + BLOCK)`` of tensor ``blk_tensor[i]``; per-tensor pointers come
-from int64 tables. Tables of parameters and optimizer state never change after the first step
-and are cached; gradient pointers change whenever ``zero_grad(set_to_none=True)`` frees them,
-so their table is rebuilt when they moved and sent with a pinned, non-blocking copy (a pageable
-host-to-device copy would synchronize the stream).
+from int64 tables. ``BLOCK`` and the warps come from ``launch.settings(family, device)`` (per card).
+
+Plans: the checks, dtype grouping, block maps, pointer tables and scratch buffers of a call are
+built once and cached, keyed by the tensors' storage addresses (a changed layout, dtype or size
+reallocates, so the key changes); a step then costs reading the addresses and the launches.
+Gradient pointers change whenever ``zero_grad(set_to_none=True)`` frees them, so their table is
+rebuilt (and their layouts re-checked) when they moved, sent with a pinned, non-blocking copy (a
+pageable host-to-device copy would synchronize the stream).
+
+Vector width: a block that lies wholly inside its tensor ("full") is swept without a mask, and
+when every pointer of the plan is 16-byte aligned (checked on the host) the kernels promise it to
+the compiler, which then emits 128-bit loads and stores (``aot_check`` verifies the count in the
+PTX). Masks built from sizes read from memory would keep every access scalar. Each tensor's last
+block takes the masked path.
 
 Layouts: every tensor is swept as its storage span ``[data_ptr, data_ptr + numel)``, which is
 exact for any dense, non-overlapping layout (contiguous, channels-last, ...). Element ``k`` of the
@@ -23,18 +33,24 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 4096  # elements per program on CUDA: 15.4M params -> ~3.8k programs for 132 SMs; untuned on GPU yet
-# Under TRITON_INTERPRET=1 a program costs Python overhead whatever its size, so CPU runs take
-# large blocks (a channels-last ResNet-18 launch: ~230 programs instead of ~2,800; measured
-# 11 s vs 20 s per LARS step at 1 << 18, per-element cost rising past that). Tests lower it
-# to cover many blocks per tensor on small shapes.
-INTERPRETER_BLOCK = 1 << 16
+from . import launch
+
 _MAX_BLOCKS_PER_TENSOR = 1 << 20
+ALIGN = 16  # bytes: a table pointer on this boundary lets the full-block path use 128-bit accesses
 
 
-def block_size(device: torch.device) -> int:
-    """Elements per program for a multi-tensor launch on ``device``."""
-    return BLOCK if device.type == "cuda" else INTERPRETER_BLOCK
+def block_size(family: str, device: torch.device) -> int:
+    """Elements per program of ``family``'s multi-tensor launches on ``device`` (see ``launch``)."""
+    return launch.settings(family, device)["BLOCK"]
+
+
+def num_warps(family: str, device: torch.device) -> int:
+    return launch.settings(family, device)["num_warps"]
+
+
+def aligned(*ptr_lists) -> bool:
+    """Every pointer on an ``ALIGN``-byte boundary (then the kernels may promise it to the compiler)."""
+    return all(p % ALIGN == 0 for ptrs in ptr_lists for p in ptrs)
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -50,8 +66,8 @@ def device_int_tensor(values, device, dtype=torch.int64) -> torch.Tensor:
 class BlockMap:
     """Static block map and per-tensor tables for an ordered list of same-dtype tensors."""
 
-    def __init__(self, tensors: list[torch.Tensor], device: torch.device):
-        self.block = block = block_size(device)
+    def __init__(self, tensors: list[torch.Tensor], device: torch.device, block: int):
+        self.block = block
         self.sizes_list = [t.numel() for t in tensors]
         blk_tensor, blk_start, first = [], [], []
         for i, n in enumerate(self.sizes_list):
@@ -120,8 +136,12 @@ def match_layout_(state: dict, key: str, p: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def ptr_list(tensors) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
 def ptr_table(tensors: list[torch.Tensor], device) -> torch.Tensor:
-    return device_int_tensor([t.data_ptr() for t in tensors], device)
+    return device_int_tensor(ptr_list(tensors), device)
 
 
 def pairs_by_dtype(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
@@ -134,88 +154,178 @@ def pairs_by_dtype(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
     return groups
 
 
-_PAIR_TABLES: dict = {}
+_PAIR_PLANS: dict = {}
 
 
-def pair_tables(a: list[torch.Tensor], b: list[torch.Tensor], device):
-    """(block map over ``a``, pointers of ``a``, pointers of ``b``) for two same-shape tensor lists
-    swept together (EMA teacher/student, restore destination/source); built once and cached."""
-    key = tuple((x.data_ptr(), y.data_ptr(), x.numel()) for x, y in zip(a, b))
-    tab = _PAIR_TABLES.get(key)
-    if tab is None:
-        if len(_PAIR_TABLES) > 64:
-            _PAIR_TABLES.clear()
-        tab = _PAIR_TABLES[key] = (BlockMap(a, device), ptr_table(a, device), ptr_table(b, device))
-    return tab
+def pair_plan(family: str, a: list[torch.Tensor], b: list[torch.Tensor], device, build):
+    """The launches of a paired sweep (EMA teacher/student, restore destination/source), cached.
+
+    Tensors are known by their storage addresses: a changed layout, dtype or size reallocates
+    (``.to(...)``, ``.data = ...``), which changes the key, so a cached plan's checks still hold
+    and a step pays only for reading the addresses. ``build(a, b)`` validates (raising before
+    anything is written) and returns ``{dtype: (a tensors, b tensors)}``; the plan per dtype is
+    (block map, pointer tables, whether every pointer is 16-byte aligned).
+    """
+    block = block_size(family, device)
+    key = (family, block, tuple(map(torch.Tensor.data_ptr, a)), tuple(map(torch.Tensor.data_ptr, b)))
+    plan = _PAIR_PLANS.get(key)
+    if plan is None:
+        plan = []
+        for dt, (xs, ys) in build(a, b).items():
+            px, py = ptr_list(xs), ptr_list(ys)
+            plan.append((dt, xs, ys, BlockMap(xs, device, block), device_int_tensor(px, device),
+                         device_int_tensor(py, device), aligned(px, py)))
+        if len(_PAIR_PLANS) > 64:
+            _PAIR_PLANS.clear()
+        _PAIR_PLANS[key] = plan
+    return plan
 
 
-def grad_table(tab: dict, params: list[torch.Tensor], device) -> torch.Tensor:
-    """The gradient pointer table, rebuilt only when a gradient moved.
+def refresh_grads(who: str, plan: dict, groups: list, device) -> None:
+    """Gradient pointer tables of an optimizer's plan, rebuilt (and the gradients' layouts checked,
+    before anything is written) only when a gradient moved.
 
     With persistent gradients (``zero_grad(set_to_none=False)``, as the product's step does) the
     pointers never change and no table is sent after the first step; with ``set_to_none=True``
-    each step's fresh gradients need a new table (one small pinned copy).
+    each step's fresh gradients need new tables (one small pinned copy per list).
     """
-    ptrs = tuple(p.grad.data_ptr() for p in params)
-    if tab.get("g_key") != ptrs:
-        tab["g_key"], tab["g"] = ptrs, device_int_tensor(list(ptrs), device)
-    return tab["g"]
+    try:
+        key = tuple(p.grad.data_ptr() for _, _, tab in plan["lists"] for p in tab["ps"])
+    except (RuntimeError, AttributeError):  # a sparse or missing gradient: the checks below name it
+        key = None
+    if key is not None and key == plan["gkey"]:
+        return
+    index = {id(p): i for i, p in enumerate(q for g in groups for q in g["params"])}
+    for _, _, tab in plan["lists"]:
+        for p in tab["ps"]:
+            if p.grad is None:
+                raise RuntimeError(f"{who}: parameter {index[id(p)]} lost its gradient after the step's plan was made")
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{who} does not support sparse gradients (parameter {index[id(p)]})")
+            check_span_layout(who, index[id(p)], p, {"gradient": p.grad})
+    for _, _, tab in plan["lists"]:
+        ptrs = ptr_list([p.grad for p in tab["ps"]])
+        tab["g"], tab["g_aligned"] = device_int_tensor(ptrs, device), aligned(ptrs)
+    plan["gkey"] = key
 
 
-@triton.jit
-def _load_block(ptrs, ti, offs, mask, DTYPE: tl.constexpr):
-    p = tl.load(ptrs + ti).to(tl.pointer_type(DTYPE))
-    return tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
-
-
+# ---------------------------------------------------------------------------------- device helpers
+# A program's block is "full" when all BLOCK elements lie inside its tensor: it is swept without a
+# mask, so with aligned pointers (ALIGNED) the compiler emits 128-bit loads and stores (a mask
+# computed from a size read from memory would keep every access scalar). Only the last block of
+# each tensor takes the masked path. Kernels branch once per program on ``full``.
 @triton.jit
 def _block_coords(blk_tensor, blk_start, sizes, BLOCK: tl.constexpr):
+    """(program id, tensor index, element offsets, tail mask, full)."""
     pid = tl.program_id(0).to(tl.int64)
     ti = tl.load(blk_tensor + pid).to(tl.int64)
-    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(sizes + ti)
-    return pid, ti, offs, mask
+    start = tl.multiple_of(tl.load(blk_start + pid), BLOCK)  # blocks start at multiples of BLOCK
+    n = tl.load(sizes + ti)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    return pid, ti, offs, offs < n, start + BLOCK <= n
 
 
 @triton.jit
-def _sumsq_partials_kernel(a_ptrs, b_ptrs, blk_tensor, blk_start, sizes, part_a, part_b,
-                           DTYPE_A: tl.constexpr, DTYPE_B: tl.constexpr, BLOCK: tl.constexpr):
-    """Per block: sum(a^2) and sum(b^2) (fp32) into part_a[pid], part_b[pid]."""
-    pid, ti, offs, mask = _block_coords(blk_tensor, blk_start, sizes, BLOCK)
-    a = _load_block(a_ptrs, ti, offs, mask, DTYPE_A)
-    b = _load_block(b_ptrs, ti, offs, mask, DTYPE_B)
-    tl.store(part_a + pid, tl.sum(a * a, axis=0))
-    tl.store(part_b + pid, tl.sum(b * b, axis=0))
+def _tensor_ptr(ptrs, ti, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``ti``'s base pointer from a table; ALIGNED promises 16-byte alignment (checked on the host)."""
+    p = tl.load(ptrs + ti).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
 
 
 @triton.jit
-def _reduce_partials_kernel(part, first_blk, out, MAX_BLOCKS: tl.constexpr, CHUNK: tl.constexpr):
-    """out[t] = sum of part[first_blk[t] : first_blk[t+1]], in a fixed order (deterministic)."""
+def _ld(p, offs, mask, MASKED: tl.constexpr):
+    """fp32 values of a block: masked (a tensor's tail) or not (a full block)."""
+    if MASKED:
+        x = tl.load(p + offs, mask=mask, other=0.0)
+    else:
+        x = tl.load(p + offs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _st(p, offs, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(p + offs, x.to(p.dtype.element_ty), mask=mask)
+    else:
+        tl.store(p + offs, x.to(p.dtype.element_ty))
+
+
+@triton.jit
+def _sumsq_body(a_ptrs, b_ptrs, ti, offs, mask, DTYPE_A: tl.constexpr, DTYPE_B: tl.constexpr,
+                ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    a = _ld(_tensor_ptr(a_ptrs, ti, DTYPE_A, ALIGNED), offs, mask, MASKED)
+    b = _ld(_tensor_ptr(b_ptrs, ti, DTYPE_B, ALIGNED), offs, mask, MASKED)
+    return tl.sum(a * a, axis=0), tl.sum(b * b, axis=0)
+
+
+@triton.jit
+def _sumsq_partials_kernel(a_ptrs, b_ptrs, blk_tensor, blk_start, sizes, part, NB,
+                           DTYPE_A: tl.constexpr, DTYPE_B: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Per block: sum(a^2) into part[pid] and sum(b^2) into part[NB + pid] (fp32).
+
+    One pass: reads a and b once (8 B per fp32 element pair, 4 B for bf16), writes 8 B per block.
+    """
+    pid, ti, offs, mask, full = _block_coords(blk_tensor, blk_start, sizes, BLOCK)
+    if full:
+        sa, sb = _sumsq_body(a_ptrs, b_ptrs, ti, offs, mask, DTYPE_A, DTYPE_B, ALIGNED, False)
+    else:
+        sa, sb = _sumsq_body(a_ptrs, b_ptrs, ti, offs, mask, DTYPE_A, DTYPE_B, ALIGNED, True)
+    tl.store(part + pid, sa)
+    tl.store(part + NB + pid, sb)
+
+
+@triton.jit
+def _reduce_partials_kernel(part, first_blk, out_a, out_b, NB, MAX_BLOCKS: tl.constexpr, CHUNK: tl.constexpr):
+    """out_w[t] = sum of part[w NB + first_blk[t] : w NB + first_blk[t+1]] for w = program_id(1),
+    in a fixed order (deterministic, no atomics). Reads 4 B per block; negligible beside a sweep."""
     t = tl.program_id(0).to(tl.int64)
+    which = tl.program_id(1)
     lo = tl.load(first_blk + t).to(tl.int64)
     hi = tl.load(first_blk + t + 1).to(tl.int64)
+    base = part + which.to(tl.int64) * NB
     acc = tl.zeros((CHUNK,), dtype=tl.float32)
     for start in range(0, MAX_BLOCKS, CHUNK):
         idx = lo + start + tl.arange(0, CHUNK).to(tl.int64)
-        acc += tl.load(part + idx, mask=idx < hi, other=0.0)
-    tl.store(out + t, tl.sum(acc, axis=0))
+        acc += tl.load(base + idx, mask=idx < hi, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if which == 0:
+        tl.store(out_a + t, total)
+    else:
+        tl.store(out_b + t, total)
 
 
-def per_tensor_sumsq(bm: BlockMap, a_ptrs, b_ptrs, dtype_a, dtype_b, device):
-    """(sum a^2, sum b^2) per tensor, fp32 [T] each, in two launches + one per output."""
-    part_a = torch.empty(bm.num_blocks, device=device, dtype=torch.float32)
-    part_b = torch.empty(bm.num_blocks, device=device, dtype=torch.float32)
-    _sumsq_partials_kernel[(bm.num_blocks,)](a_ptrs, b_ptrs, bm.blk_tensor, bm.blk_start, bm.sizes, part_a, part_b,
-                                             DTYPE_A=TL_DTYPES[dtype_a], DTYPE_B=TL_DTYPES[dtype_b], BLOCK=bm.block)
-    return reduce_partials(bm, part_a, device), reduce_partials(bm, part_b, device)
+def sumsq_buffers(tab: dict, bm: BlockMap, device) -> None:
+    """Persistent scratch for the per-tensor norms: partials [2 x blocks] and sums [2 x tensors].
+
+    Reused every step (stream order makes that safe, and a CUDA graph needs fixed addresses)."""
+    if "part" not in tab:
+        tab["part"] = torch.empty(2 * bm.num_blocks, device=device, dtype=torch.float32)
+        tab["sq"] = sq = torch.empty(2, bm.num_tensors, device=device, dtype=torch.float32)
+        tab["sq0"], tab["sq1"] = sq[0], sq[1]  # views made once: indexing is a dispatched op per call
 
 
-def reduce_partials(bm: BlockMap, part: torch.Tensor, device) -> torch.Tensor:
-    out = torch.empty(bm.num_tensors, device=device, dtype=torch.float32)
+def per_tensor_sumsq(tab: dict, bm: BlockMap, a_ptrs, b_ptrs, dtype_a, dtype_b, device, is_aligned: bool,
+                     warps: int, out_a=None):
+    """(sum a^2, sum b^2) per tensor, fp32 [T] each, in two launches (sweep, then both reductions).
+
+    ``out_a``: where the first sums go (a slice of a larger buffer), by default the table's own."""
+    sumsq_buffers(tab, bm, device)
+    part = tab["part"]
+    out_a = tab["sq0"] if out_a is None else out_a
+    _sumsq_partials_kernel[(bm.num_blocks,)](a_ptrs, b_ptrs, bm.blk_tensor, bm.blk_start, bm.sizes, part,
+                                             bm.num_blocks, DTYPE_A=TL_DTYPES[dtype_a], DTYPE_B=TL_DTYPES[dtype_b],
+                                             ALIGNED=is_aligned, BLOCK=bm.block, num_warps=warps)
+    reduce_partials(bm, part, out_a, tab["sq1"], 2)
+    return out_a, tab["sq1"]
+
+
+def reduce_partials(bm: BlockMap, part: torch.Tensor, out_a: torch.Tensor, out_b: torch.Tensor, count: int) -> None:
+    """Per-tensor sums of ``count`` (1 or 2) partial arrays laid end to end in ``part``."""
     chunk = min(1024, triton.next_power_of_2(max(bm.max_blocks, 1)))
-    _reduce_partials_kernel[(bm.num_tensors,)](part, bm.first_blk, out, MAX_BLOCKS=triton.cdiv(bm.max_blocks, chunk) * chunk,
-                                               CHUNK=chunk)
-    return out
+    _reduce_partials_kernel[(bm.num_tensors, count)](part, bm.first_blk, out_a, out_b, bm.num_blocks,
+                                                     MAX_BLOCKS=triton.cdiv(bm.max_blocks, chunk) * chunk, CHUNK=chunk)
 
 
 class DeviceLR:
@@ -247,10 +357,16 @@ class DeviceLR:
         return dummy, float(group["lr"]), False
 
 
+_NO_SKIP: dict = {}  # device -> a zero flag that is never written
+
+
 def skip_flag(skip, device) -> tuple[torch.Tensor, bool]:
     """A device int32 flag (1 = skip the step) and whether one was given."""
     if skip is None:
-        return torch.zeros(1, dtype=torch.int32, device=device), False
+        flag = _NO_SKIP.get(device)
+        if flag is None:
+            flag = _NO_SKIP[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        return flag, False
     if not isinstance(skip, torch.Tensor) or skip.numel() != 1:
         raise ValueError("skip must be None or a one-element tensor on the parameters' device (nonzero = skip)")
     return skip.reshape(1).to(device=device, dtype=torch.int32), True

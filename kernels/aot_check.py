@@ -5,7 +5,10 @@
 The interpreter (TRITON_INTERPRET=1, what the CPU tests use) accepts programs the real compiler
 rejects (type promotions, loop-carried types, pointer casts). This lowers each kernel through
 Triton's compiler to PTX and runs ptxas for the Hopper target, so such errors show up on a
-machine without a GPU. It checks compilation only; correctness is the tests' job.
+machine without a GPU, with the specialization Triton's launcher gives a real call (aligned
+pointers). It also counts each multi-tensor kernel's 128-bit global accesses and fails unless the
+full-block path has exactly the number its bytes per element predict (``wide``): the check that
+the compiler vectorizes the sweeps, which no CPU timing can show. Correctness is the tests' job.
 """
 
 from __future__ import annotations
@@ -27,6 +30,17 @@ F32, BF16 = tl.float32, tl.bfloat16
 P = "*fp32"
 
 
+SIZE = {F32: 4, BF16: 2, tl.int64: 8}
+
+
+def wide(block: int, itemsizes: list[int], warps: int = 4) -> int:
+    """128-bit accesses one thread issues in a multi-tensor kernel's full-block path: each tensor
+    read or written moves ``block / (32 warps)`` elements per thread, 16 bytes per instruction.
+    (The tail path stays scalar; it is one block per tensor.)"""
+    per_thread = block // (32 * warps)
+    return sum(per_thread * b // 16 for b in itemsizes)
+
+
 def cases():
     rows = dict(BLOCK_R=16, BLOCK_D=256, NUM_CHUNKS=1)
     big = dict(BLOCK_R=1, BLOCK_D=2048, NUM_CHUNKS=2)
@@ -35,57 +49,104 @@ def cases():
         yield "kl_fwd", cl._cosine_kl_fwd_kernel, {
             "mu_ptr": t, "var_ptr": t, "mut_ptr": t, "vart_ptr": t, "z_ptr": t, "kl_ptr": P, "seed_ptr": "*i64",
             "s_mu": "i64", "s_var": "i64", "s_mut": "i64", "s_vart": "i64", "R": "i32", "D": "i32", "beta": "fp32"}, \
-            dict(ABS_NOISE=True, **meta)
+            dict(ABS_NOISE=True, **meta), None
         for mu_mode, var_mode in ((1, 2), (0, 0)):
             yield "kl_bwd", cl._cosine_kl_bwd_kernel, {
                 "gkl_ptr": P, "gz_ptr": t, "mu_ptr": t, "var_ptr": t, "mut_ptr": t, "vart_ptr": t, "seed_ptr": "*i64",
                 "dmu_ptr": t, "dvar_ptr": t, "s_mu": "i64", "s_var": "i64", "s_mut": "i64", "s_vart": "i64", "R": "i32",
-                "D": "i32", "beta": "fp32"}, dict(MU_MODE=mu_mode, VAR_MODE=var_mode, ABS_NOISE=True, **meta)
+                "D": "i32", "beta": "fp32"}, dict(MU_MODE=mu_mode, VAR_MODE=var_mode, ABS_NOISE=True, **meta), None
         yield "ll_fwd", cl._cosine_ll_fwd_kernel, {
             "m_ptr": t, "r_ptr": t, "mut_ptr": t, "vart_ptr": t, "ll_ptr": P, "s_m": "i64", "s_r": "i64",
-            "s_mut": "i64", "s_vart": "i64", "R": "i32", "D": "i32", "beta": "fp32"}, meta
+            "s_mut": "i64", "s_vart": "i64", "R": "i32", "D": "i32", "beta": "fp32"}, meta, None
         yield "ll_bwd", cl._cosine_ll_bwd_kernel, {
             "gll_ptr": P, "m_ptr": t, "r_ptr": t, "mut_ptr": t, "vart_ptr": t, "dm_ptr": t, "dr_ptr": t, "s_m": "i64",
-            "s_r": "i64", "s_mut": "i64", "s_vart": "i64", "R": "i32", "D": "i32", "beta": "fp32"}, meta
-    yield "noise", cl._sample_noise_kernel, {"out_ptr": P, "seed_ptr": "*i64", "N": "i64"}, dict(BLOCK=1024)
+            "s_r": "i64", "s_mut": "i64", "s_vart": "i64", "R": "i32", "D": "i32", "beta": "fp32"}, meta, None
+    yield "noise", cl._sample_noise_kernel, {"out_ptr": P, "seed_ptr": "*i64", "N": "i64"}, dict(BLOCK=1024), None
     tab = {"blk_tensor": "*i32", "blk_start": "*i64", "sizes": "*i64"}
-    for is_ptr in (True, False):
+    for is_ptr, al in ((True, True), (False, False)):
         yield "ema", ema._ema_fwd_kernel, {"t_ptrs": "*i64", "s_ptrs": "*i64", **tab, "tau_ptr": P, "tau_val": "fp32"}, \
-            dict(TAU_IS_PTR=is_ptr, DTYPE=F32, BLOCK=4096)
-    yield "sumsq", mt._sumsq_partials_kernel, {"a_ptrs": "*i64", "b_ptrs": "*i64", **tab, "part_a": P, "part_b": P}, \
-        dict(DTYPE_A=F32, DTYPE_B=BF16, BLOCK=4096)
-    yield "reduce", mt._reduce_partials_kernel, {"part": P, "first_blk": "*i32", "out": P}, dict(MAX_BLOCKS=2048, CHUNK=1024)
-    for bc, aw in ((True, True), (False, False)):
+            dict(TAU_IS_PTR=is_ptr, DTYPE=F32, ALIGNED=al, BLOCK=4096), wide(4096, [4, 4, 4] if al else [])
+    yield "ema", ema._ema_fwd_kernel, {"t_ptrs": "*i64", "s_ptrs": "*i64", **tab, "tau_ptr": P, "tau_val": "fp32"}, \
+        dict(TAU_IS_PTR=True, DTYPE=BF16, ALIGNED=True, BLOCK=4096), wide(4096, [2, 2, 2])
+    yield "sumsq", mt._sumsq_partials_kernel, {"a_ptrs": "*i64", "b_ptrs": "*i64", **tab, "part": P, "NB": "i32"}, \
+        dict(DTYPE_A=F32, DTYPE_B=BF16, ALIGNED=True, BLOCK=4096), wide(4096, [4, 2])
+    yield "reduce", mt._reduce_partials_kernel, {"part": P, "first_blk": "*i32", "out_a": P, "out_b": P, "NB": "i32"}, \
+        dict(MAX_BLOCKS=2048, CHUNK=1024), None
+    for bc, aw, wd, dt in ((True, True, True, F32), (False, False, False, F32), (True, True, True, BF16)):
+        e = SIZE[dt]
         yield "lamb1", lamb._lamb_stage1_kernel, {
             "g_ptrs": "*i64", "p_ptrs": "*i64", "m_ptrs": "*i64", "v_ptrs": "*i64", "ws": P, "ws_off": "*i64", **tab,
-            "part_u": P, "clip_ptr": P, "step_ptr": "*i64", "skip_ptr": "*i32", "beta1": "fp32", "beta2": "fp32",
-            "beta3": "fp32", "eps": "fp32", "wd": "fp32"}, dict(BIAS_CORRECTION=bc, ADAM_W=aw, DTYPE=F32, BLOCK=4096)
-    for nv, lr_is_ptr in ((True, True), (False, False)):
+            "part_u": P, "gsq_all": P, "T_ALL": "i32", "max_norm": "fp32", "step_ptr": "*i64", "skip_ptr": "*i32",
+            "beta1": "fp32", "beta2": "fp32", "beta3": "fp32", "eps": "fp32", "wd": "fp32"}, \
+            dict(BIAS_CORRECTION=bc, ADAM_W=aw, HAS_WD=wd, DTYPE=dt, ALIGNED=True, T_CHUNK=128, T_PAD=128, BLOCK=4096), \
+            wide(4096, [e] * (5 + wd) + [4])  # g, (p), m, v read; m, v written as DTYPE; u written fp32
+    for nv, lr_is_ptr, adv, dt in ((True, True, True, BF16), (False, False, False, F32)):
+        e = SIZE[dt]
         yield "lamb2", lamb._lamb_stage2_kernel, {
             "p_ptrs": "*i64", "ws": P, "ws_off": "*i64", **tab, "p_sumsq": P, "u_sumsq": P, "step_ptr": "*i64",
             "skip_ptr": "*i32", "lr_ptr": P, "lr_val": "fp32", "wd": "fp32"}, \
-            dict(LR_IS_PTR=lr_is_ptr, USE_NVLAMB=nv, DTYPE=BF16, BLOCK=4096)
-    for lr_is_ptr in (True, False):
+            dict(LR_IS_PTR=lr_is_ptr, USE_NVLAMB=nv, ADVANCE=adv, DTYPE=dt, ALIGNED=True, BLOCK=4096), \
+            wide(4096, [e, 4, e])  # p, u (fp32) read; p written
+    for lr_is_ptr, dt in ((True, F32), (False, BF16)):
+        e = SIZE[dt]
         yield "lars", lars._lars_kernel, {
             "g_ptrs": "*i64", "p_ptrs": "*i64", "buf_ptrs": "*i64", **tab, "p_sumsq": P, "g_sumsq": P, "exclude": "*i32",
             "skip_ptr": "*i32", "lr_ptr": P, "lr_val": "fp32", "wd": "fp32", "eta": "fp32", "eps": "fp32",
-            "momentum": "fp32"}, dict(LR_IS_PTR=lr_is_ptr, CLIP_LR=True, DTYPE=F32, BLOCK=4096)
+            "momentum": "fp32"}, dict(LR_IS_PTR=lr_is_ptr, CLIP_LR=True, DTYPE=dt, ALIGNED=True, BLOCK=4096), \
+            wide(4096, [e] * 5)  # g, p, buf read; buf, p written
     for dt in (F32, tl.int64):
+        e = SIZE[dt]
         yield "restore", restore._restore_fwd_kernel, {"d_ptrs": "*i64", "s_ptrs": "*i64", **tab, "flag_ptr": "*i32"}, \
-            dict(DTYPE=dt, BLOCK=4096)
+            dict(DTYPE=dt, ALIGNED=True, BLOCK=4096), wide(4096, [e, e])
+
+
+def jit_attrs(fn, sig: dict) -> dict:
+    """The specialization Triton's launcher gives a real call: every pointer argument 16-byte aligned
+    (fresh allocations are), as are the row strides and sizes the product passes (multiples of 16)."""
+    ints = {"s_mu", "s_var", "s_mut", "s_vart", "s_m", "s_r", "D"}
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+            if n in sig and (sig[n].startswith("*") or n in ints)}
+
+
+def compile_case(kernel, sig: dict, consts: dict, target=None):
+    fn = kernel
+    signature = {n: sig.get(n, "constexpr") for n in fn.arg_names}
+    return triton.compile(ASTSource(fn, signature, constexprs=dict(consts), attrs=jit_attrs(fn, sig)),
+                          target=target or GPUTarget("cuda", 90, 32))
+
+
+def global_accesses(ptx: str) -> dict:
+    """Counts of global load/store instructions by width in a PTX listing ('ld.global.v4.b32': 8, ...)."""
+    import collections
+    import re
+
+    return dict(collections.Counter(re.findall(r"\b((?:ld|st)\.global(?:\.nc)?(?:\.v\d)?\.b\d+)", ptx)))
+
+
+def _bits(access: str) -> int:
+    """Bits one instruction moves: 'ld.global.v4.b32' -> 128."""
+    import re
+
+    m = re.search(r"(?:\.v(\d))?\.b(\d+)$", access)
+    return int(m.group(1) or 1) * int(m.group(2))
 
 
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     failed = 0
-    for name, kernel, sig, consts in cases():
-        fn = kernel.fn if hasattr(kernel, "fn") and not isinstance(kernel, triton.JITFunction) else kernel
-        names = fn.arg_names
-        signature = {n: sig.get(n, "constexpr") for n in names}
+    for name, kernel, sig, consts, expect in cases():
         try:
-            compiled = triton.compile(ASTSource(fn, signature, constexprs={k: v for k, v in consts.items()}), target=target)
-            ptx_lines = len(compiled.asm["ptx"].splitlines())
-            print(f"ok   {name:8s} {ptx_lines:6d} PTX lines  {consts}")
+            compiled = compile_case(kernel, sig, consts, target)
+            ptx = compiled.asm["ptx"]
+            acc = global_accesses(ptx)
+            n_wide = sum(v for k, v in acc.items() if _bits(k) == 128)
+            if expect is not None and n_wide != expect:
+                failed += 1
+                print(f"FAIL {name:8s} {consts}: {n_wide} 128-bit global accesses, expected {expect} in the "
+                      f"full-block path (all accesses: {acc})")
+                continue
+            print(f"ok   {name:8s} {len(ptx.splitlines()):6d} PTX lines, {n_wide:3d} 128-bit accesses"
+                  f"{'' if expect is None else ' (as predicted)'}  {consts}")
         except Exception as e:  # noqa: BLE001 - report every kernel, fail at the end
             failed += 1
             print(f"FAIL {name:8s} {consts}: {type(e).__name__}: {str(e)[:2000]}")

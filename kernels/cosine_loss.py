@@ -18,6 +18,11 @@ All math is fp32 whatever the input dtype (fp32 / bf16 / fp16); z and the gradie
 in the dtype of the tensor they belong to. The cosine clamps each norm at 1e-8 like
 ``F.cosine_similarity`` and uses the exact derivative in the clamped branch (§2.1).
 
+Memory per call, in elements of the input width per (row, col) (fp32: x 4 B): KL+sample forward 5,
+backward 7 (12 per training use); LL forward 4, backward 6 (10). Each kernel is one pass from DRAM;
+the second read of a row inside a program hits L1/L2 (one row of d <= 2048 is one chunk). Launch
+settings (elements per tile, warps) come from ``launch.settings("cosine", device)``.
+
 Both ops are ``torch.library.custom_op``s with fake and autograd registrations, not pinned to
 CUDA: they run inside ``torch.compile(fullgraph=True)`` and on CPU tensors under
 ``TRITON_INTERPRET=1``. ``*_reference`` functions beside them are what tests and benchmarks
@@ -32,6 +37,7 @@ import triton.language as tl
 
 from vssl_fast import losses
 
+from . import launch
 from ._common import interpret_mode, next_pow2, require_triton
 
 __all__ = [
@@ -143,6 +149,9 @@ def _rows_of_program(R, BLOCK_R: tl.constexpr):
 def _cosine_kl_fwd_kernel(mu_ptr, var_ptr, mut_ptr, vart_ptr, z_ptr, kl_ptr, seed_ptr,
                           s_mu, s_var, s_mut, s_vart, R, D, beta, ABS_NOISE: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """KL + sample, one pass from DRAM: reads mu, var, mu_t, var_t (4 elements of the input width per
+    (row, col)), writes z (1) and 4 B per row: 5 elements per (row, col), 20 B in fp32. The z loop
+    re-reads mu and var this program has just read (L1/L2). Philox draws one normal per element."""
     rows, rmask = _rows_of_program(R, BLOCK_R)
     _, _, _, _, _, _, _, _, m, s = _pair_stats(mu_ptr, mut_ptr, var_ptr, vart_ptr, s_mu, s_mut, s_var, s_vart, rows, rmask,
                                                D, beta, BLOCK_D, NUM_CHUNKS)
@@ -163,7 +172,12 @@ def _cosine_kl_bwd_kernel(gkl_ptr, gz_ptr, mu_ptr, var_ptr, mut_ptr, vart_ptr, s
                           s_mu, s_var, s_mut, s_vart, R, D, beta,
                           MU_MODE: tl.constexpr, VAR_MODE: tl.constexpr, ABS_NOISE: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    # MU_MODE / VAR_MODE: 0 = no grad_z, 1 = add grad_z, 2 = add grad_z * noise (reparam backward)
+    """KL + sample backward, one pass from DRAM: reads mu, var, mu_t, var_t and grad_z (5 elements per
+    (row, col)), writes d mu and d var (2): 7 elements, 28 B in fp32. The row statistics are
+    recomputed, not saved; the gradient loops re-read this program's rows (L1/L2), grad_z twice.
+    The noise is regenerated (Philox, no bytes) instead of stored.
+
+    MU_MODE / VAR_MODE: 0 = no grad_z, 1 = add grad_z, 2 = add grad_z * noise (reparam backward)."""
     rows, rmask = _rows_of_program(R, BLOCK_R)
     c_mu, ia_m, ib_m, big_m, c_u, ia_u, ib_u, big_u, m, s = _pair_stats(
         mu_ptr, mut_ptr, var_ptr, vart_ptr, s_mu, s_mut, s_var, s_vart, rows, rmask, D, beta, BLOCK_D, NUM_CHUNKS)
@@ -180,6 +194,7 @@ def _cosine_kl_bwd_kernel(gkl_ptr, gz_ptr, mu_ptr, var_ptr, mut_ptr, vart_ptr, s
 @triton.jit
 def _cosine_ll_fwd_kernel(m_ptr, r_ptr, mut_ptr, vart_ptr, ll_ptr, s_m, s_r, s_mut, s_vart, R, D, beta,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """LL, one pass: reads m, r, mu_t, var_t (4 elements per (row, col), 16 B in fp32), 4 B per row out."""
     rows, rmask = _rows_of_program(R, BLOCK_R)
     _, _, _, _, _, _, _, _, m, s = _pair_stats(m_ptr, mut_ptr, r_ptr, vart_ptr, s_m, s_mut, s_r, s_vart, rows, rmask, D,
                                                beta, BLOCK_D, NUM_CHUNKS)
@@ -189,6 +204,8 @@ def _cosine_ll_fwd_kernel(m_ptr, r_ptr, mut_ptr, vart_ptr, ll_ptr, s_m, s_r, s_m
 @triton.jit
 def _cosine_ll_bwd_kernel(gll_ptr, m_ptr, r_ptr, mut_ptr, vart_ptr, dm_ptr, dr_ptr, s_m, s_r, s_mut, s_vart, R, D,
                           beta, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """LL backward, one pass: reads m, r, mu_t, var_t (4 elements per (row, col)), writes d m and d r (2):
+    6 elements, 24 B in fp32; the gradient loops re-read this program's rows (L1/L2)."""
     rows, rmask = _rows_of_program(R, BLOCK_R)
     c_mu, ia_m, ib_m, big_m, c_u, ia_u, ib_u, big_u, m, s = _pair_stats(
         m_ptr, mut_ptr, r_ptr, vart_ptr, s_m, s_mut, s_r, s_vart, rows, rmask, D, beta, BLOCK_D, NUM_CHUNKS)
@@ -203,22 +220,24 @@ def _cosine_ll_bwd_kernel(gll_ptr, m_ptr, r_ptr, mut_ptr, vart_ptr, dm_ptr, dr_p
 
 @triton.jit
 def _sample_noise_kernel(out_ptr, seed_ptr, N, BLOCK: tl.constexpr):
+    """The noise the KL kernels draw, written out (tests and references only): 4 B per element."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     seed = tl.load(seed_ptr)
     tl.store(out_ptr + offs, _noise(seed, offs, False), mask=offs < N)
 
 
 # ============================================================================ launchers
-def _launch_cfg(R: int, D: int):
-    """Grid and meta-parameters. Not yet tuned on a GPU: a tile of ~4K elements, 4 warps, 8 at d >= 2048.
+def _launch_cfg(R: int, D: int, device: torch.device):
+    """Grid and meta-parameters from the launch table (``launch.settings("cosine", device)``).
 
-    Under the interpreter a program costs ~20 ms whatever its size, so tiles grow to ~32K elements.
+    A program holds a tile of ``TILE`` elements: ``TILE // BLOCK_D`` rows when a row is shorter
+    than the tile, one row (looping over chunks of 2048) otherwise.
     """
+    cfg = launch.settings("cosine", device)
     block_d = min(next_pow2(max(D, 1)), _MAX_BLOCK)
-    tile = 32768 if interpret_mode() else 4096
-    block_r = max(1, min(tile // block_d, next_pow2(max(R, 1))))
+    block_r = max(1, min(cfg["TILE"] // block_d, next_pow2(max(R, 1))))
     meta = dict(BLOCK_R=block_r, BLOCK_D=block_d, NUM_CHUNKS=triton.cdiv(max(D, 1), block_d),
-                num_warps=8 if block_d >= 2048 else 4)
+                num_warps=cfg["num_warps_wide"] if block_d >= 2048 else cfg["num_warps"])
     return (triton.cdiv(max(R, 1), block_r),), meta
 
 
@@ -265,7 +284,7 @@ def _cosine_kl_sample_op(mu: torch.Tensor, var: torch.Tensor, mu_t: torch.Tensor
     kl = torch.empty(R, device=mu.device, dtype=torch.float32)
     z = torch.empty((R, D), device=mu.device, dtype=mu.dtype)
     if R > 0:
-        grid, meta = _launch_cfg(R, D)
+        grid, meta = _launch_cfg(R, D, mu.device)
         _cosine_kl_fwd_kernel[grid](mu, var, mu_t, var_t, z, kl, seed, mu.stride(0), var.stride(0), mu_t.stride(0),
                                     var_t.stride(0), R, D, float(beta), ABS_NOISE=bool(abs_noise), **meta)
     return kl, z
@@ -286,7 +305,7 @@ def _cosine_kl_sample_bwd_op(grad_kl: torch.Tensor, grad_z: torch.Tensor | None,
     grad_kl = grad_kl.contiguous()
     gz = grad_z.contiguous() if grad_z is not None else grad_kl
     if R > 0:
-        grid, meta = _launch_cfg(R, D)
+        grid, meta = _launch_cfg(R, D, mu.device)
         _cosine_kl_bwd_kernel[grid](grad_kl, gz, mu, var, mu_t, var_t, seed, dmu, dvar, mu.stride(0), var.stride(0),
                                     mu_t.stride(0), var_t.stride(0), R, D, float(beta),
                                     MU_MODE=1 if grad_z is not None else 0, VAR_MODE=2 if grad_z is not None else 0,
@@ -324,7 +343,7 @@ def _cosine_ll_op(m: torch.Tensor, r: torch.Tensor, mu_t: torch.Tensor, var_t: t
     R, D = m.shape
     ll = torch.empty(R, device=m.device, dtype=torch.float32)
     if R > 0:
-        grid, meta = _launch_cfg(R, D)
+        grid, meta = _launch_cfg(R, D, m.device)
         _cosine_ll_fwd_kernel[grid](m, r, mu_t, var_t, ll, m.stride(0), r.stride(0), mu_t.stride(0), var_t.stride(0),
                                     R, D, float(beta), **meta)
     return ll
@@ -342,7 +361,7 @@ def _cosine_ll_bwd_op(grad_ll: torch.Tensor, m: torch.Tensor, r: torch.Tensor, m
     R, D = m.shape
     dm, dr = torch.empty((R, D), device=m.device, dtype=m.dtype), torch.empty((R, D), device=m.device, dtype=r.dtype)
     if R > 0:
-        grid, meta = _launch_cfg(R, D)
+        grid, meta = _launch_cfg(R, D, m.device)
         _cosine_ll_bwd_kernel[grid](grad_ll.contiguous(), m, r, mu_t, var_t, dm, dr, m.stride(0), r.stride(0),
                                     mu_t.stride(0), var_t.stride(0), R, D, float(beta), **meta)
     return dm, dr

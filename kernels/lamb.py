@@ -12,9 +12,16 @@ Differences from apex, both deliberate: the update ``u`` goes to a workspace ins
 overwriting ``p.grad``; the step counter is a device tensor per group, so ``step(skip=flag)``
 can make the whole step a no-op (parameters, moments and counter untouched) with no host sync.
 
-Launches per step: 2 for the per-tensor norms of grads and params (all groups, one dtype), a
-tiny torch op for the global norm, then per group and dtype 3 (moments + update, update norms,
-parameter update). No host synchronization.
+Memory, per fp32 element (bf16 parameters and moments: 2 B each instead of 4; u stays fp32), three
+sweeps, the fewest LAMB's dependencies allow (every ||g|| before any moment, ||u|| before the update):
+norms read g and p (8 B); stage 1 reads g, p, m, v and writes m, v and u (28 B; 24 without weight
+decay, where p is not read); stage 2 reads p and u and writes p (12 B): 48 B per element. Writing u
+(4 + 4 B) is cheaper than recomputing it from g, m, v in stage 2 (12 B). The global gradient norm is
+reduced inside stage 1 from the per-tensor sums (T floats per program, L2 hits).
+
+Launches per step, per (group, dtype): 5 (norm sweep, both per-tensor reductions in one launch,
+stage 1, the ||u|| reduction, stage 2); no other op and no host synchronization. Plans (validated
+lists, pointer tables, workspace, scratch) are built once and reused while no parameter moves.
 """
 
 from __future__ import annotations
@@ -32,15 +39,21 @@ from ._multi_tensor import (
     BlockMap,
     DeviceLR,
     _block_coords,
-    _load_block,
+    _ld,
+    _st,
+    _tensor_ptr,
+    aligned,
+    block_size,
     check_span_layout,
     device_int_tensor,
-    grad_table,
     match_layout_,
+    num_warps,
     per_tensor_sumsq,
-    ptr_table,
+    ptr_list,
     reduce_partials,
+    refresh_grads,
     skip_flag,
+    sumsq_buffers,
 )
 
 __all__ = ["FusedLAMB", "LAMBReference"]
@@ -59,25 +72,28 @@ def _bias_correction(beta, step):
 
 
 @triton.jit
-def _lamb_stage1_kernel(g_ptrs, p_ptrs, m_ptrs, v_ptrs, ws, ws_off, blk_tensor, blk_start, sizes, part_u,
-                        clip_ptr, step_ptr, skip_ptr, beta1, beta2, beta3, eps, wd,
-                        BIAS_CORRECTION: tl.constexpr, ADAM_W: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid, ti, offs, mask = _block_coords(blk_tensor, blk_start, sizes, BLOCK)
-    write = mask & (tl.load(skip_ptr) == 0)
-    step = tl.load(step_ptr) + 1
-    if BIAS_CORRECTION:
-        bc1 = _bias_correction(beta1, step)
-        bc2 = _bias_correction(beta2, step)
-    else:
-        bc1 = 1.0
-        bc2 = 1.0
-    clip = tl.load(clip_ptr)
-    g = _load_block(g_ptrs, ti, offs, mask, DTYPE) / clip
-    p = _load_block(p_ptrs, ti, offs, mask & (wd != 0.0), DTYPE)  # apex reads p only when decay != 0
-    m_p = tl.load(m_ptrs + ti).to(tl.pointer_type(DTYPE))
-    v_p = tl.load(v_ptrs + ti).to(tl.pointer_type(DTYPE))
-    m = tl.load(m_p + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_p + offs, mask=mask, other=0.0).to(tl.float32)
+def _global_clip(gsq_all, T_ALL, max_norm, T_CHUNK: tl.constexpr, T_PAD: tl.constexpr):
+    """max(||g|| / max_norm, 1) from every tensor's sum of squares (all groups), in a fixed order.
+
+    Each program reads the T floats itself (T ~ 100: L2 hits) instead of a separate launch."""
+    acc = tl.zeros((T_CHUNK,), dtype=tl.float32)
+    for i in range(0, T_PAD, T_CHUNK):
+        idx = i + tl.arange(0, T_CHUNK)
+        acc += tl.load(gsq_all + idx, mask=idx < T_ALL, other=0.0)
+    gnorm = tl.sqrt(tl.sum(acc, axis=0))
+    return tl.where(gnorm > max_norm, gnorm / max_norm, 1.0)
+
+
+@triton.jit
+def _lamb1_body(gp, pp, mp, vp, wp, offs, mask, clip, beta1, beta2, beta3, eps, wd, bc1, bc2,
+                ADAM_W: tl.constexpr, HAS_WD: tl.constexpr, MASKED: tl.constexpr):
+    g = _ld(gp, offs, mask, MASKED) / clip
+    if HAS_WD:
+        p = _ld(pp, offs, mask, MASKED)
+    else:  # apex reads p only when decay != 0 (an inf parameter must not turn 0 * p into NaN)
+        p = tl.zeros_like(g)
+    m = _ld(mp, offs, mask, MASKED)
+    v = _ld(vp, offs, mask, MASKED)
     if not ADAM_W:
         g = g + wd * p
     m = m * beta1 + beta3 * g
@@ -85,37 +101,85 @@ def _lamb_stage1_kernel(g_ptrs, p_ptrs, m_ptrs, v_ptrs, ws, ws_off, blk_tensor, 
     u = (m / bc1) / (tl.sqrt(v / bc2) + eps)
     if ADAM_W:
         u = u + wd * p
-    tl.store(m_p + offs, m.to(DTYPE), mask=write)
-    tl.store(v_p + offs, v.to(DTYPE), mask=write)
-    u = tl.where(mask, u, 0.0)
-    tl.store(ws + tl.load(ws_off + ti) + offs, u, mask=mask)
-    tl.store(part_u + pid, tl.sum(u * u, axis=0))
+    _st(mp, offs, m, mask, MASKED)
+    _st(vp, offs, v, mask, MASKED)
+    if MASKED:
+        u = tl.where(mask, u, 0.0)
+    _st(wp, offs, u, mask, MASKED)
+    return tl.sum(u * u, axis=0)
+
+
+@triton.jit
+def _lamb_stage1_kernel(g_ptrs, p_ptrs, m_ptrs, v_ptrs, ws, ws_off, blk_tensor, blk_start, sizes, part_u,
+                        gsq_all, T_ALL, max_norm, step_ptr, skip_ptr, beta1, beta2, beta3, eps, wd,
+                        BIAS_CORRECTION: tl.constexpr, ADAM_W: tl.constexpr, HAS_WD: tl.constexpr, DTYPE: tl.constexpr,
+                        ALIGNED: tl.constexpr, T_CHUNK: tl.constexpr, T_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Moments and update direction. One pass: reads g, m, v (and p with decay), writes m, v and the
+    fp32 update u to the workspace: 28 B per fp32 element with decay (24 without). Per block it
+    also writes sum(u^2) for the trust ratio. Nothing is written when the step is skipped."""
+    pid = tl.program_id(0).to(tl.int64)
+    if tl.load(skip_ptr) == 0:
+        _, ti, offs, mask, full = _block_coords(blk_tensor, blk_start, sizes, BLOCK)
+        step = tl.load(step_ptr) + 1
+        if BIAS_CORRECTION:
+            bc1 = _bias_correction(beta1, step)
+            bc2 = _bias_correction(beta2, step)
+        else:
+            bc1 = 1.0
+            bc2 = 1.0
+        clip = _global_clip(gsq_all, T_ALL, max_norm, T_CHUNK, T_PAD)
+        gp = _tensor_ptr(g_ptrs, ti, DTYPE, ALIGNED)
+        pp = _tensor_ptr(p_ptrs, ti, DTYPE, ALIGNED)
+        mp = _tensor_ptr(m_ptrs, ti, DTYPE, ALIGNED)
+        vp = _tensor_ptr(v_ptrs, ti, DTYPE, ALIGNED)
+        wp = ws + tl.multiple_of(tl.load(ws_off + ti), 16)  # offsets padded to 16 elements on the host
+        if full:
+            usq = _lamb1_body(gp, pp, mp, vp, wp, offs, mask, clip, beta1, beta2, beta3, eps, wd, bc1, bc2,
+                              ADAM_W, HAS_WD, False)
+        else:
+            usq = _lamb1_body(gp, pp, mp, vp, wp, offs, mask, clip, beta1, beta2, beta3, eps, wd, bc1, bc2,
+                              ADAM_W, HAS_WD, True)
+        tl.store(part_u + pid, usq)
+    else:
+        tl.store(part_u + pid, 0.0)
+
+
+@triton.jit
+def _lamb2_body(pp, wp, offs, mask, ratio, MASKED: tl.constexpr):
+    p = _ld(pp, offs, mask, MASKED)
+    u = _ld(wp, offs, mask, MASKED)
+    _st(pp, offs, p - ratio * u, mask, MASKED)
 
 
 @triton.jit
 def _lamb_stage2_kernel(p_ptrs, ws, ws_off, blk_tensor, blk_start, sizes, p_sumsq, u_sumsq, step_ptr, skip_ptr,
-                        lr_ptr, lr_val, wd, LR_IS_PTR: tl.constexpr, USE_NVLAMB: tl.constexpr, DTYPE: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    pid, ti, offs, mask = _block_coords(blk_tensor, blk_start, sizes, BLOCK)
+                        lr_ptr, lr_val, wd, LR_IS_PTR: tl.constexpr, USE_NVLAMB: tl.constexpr, ADVANCE: tl.constexpr,
+                        DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Trust-ratio update. One pass: reads p and u, writes p (12 B per fp32 element, 8 per bf16).
+    ADVANCE: this launch (the group's last) adds one to the group's step counter unless skipped."""
     keep = tl.load(skip_ptr) == 0
-    if LR_IS_PTR:
-        lr = tl.load(lr_ptr)
-    else:
-        lr = lr_val
-    pn = tl.sqrt(tl.load(p_sumsq + ti))
-    un = tl.sqrt(tl.load(u_sumsq + ti))
-    trust = tl.where((un != 0.0) & (pn != 0.0), lr * (pn / un), lr)
-    if USE_NVLAMB:
-        ratio = trust
-    else:  # the trust ratio applies only to groups with weight decay
-        ratio = tl.where(wd != 0.0, trust, lr)
-    pp = tl.load(p_ptrs + ti).to(tl.pointer_type(DTYPE))
-    p = tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(ws + tl.load(ws_off + ti) + offs, mask=mask, other=0.0)
-    tl.store(pp + offs, (p - ratio * u).to(DTYPE), mask=mask & keep)
-    if pid == 0:
-        # the group's last launch advances its counter (unless skipped)
-        tl.store(step_ptr, tl.load(step_ptr) + keep.to(tl.int64))
+    if keep:
+        _, ti, offs, mask, full = _block_coords(blk_tensor, blk_start, sizes, BLOCK)
+        if LR_IS_PTR:
+            lr = tl.load(lr_ptr)
+        else:
+            lr = lr_val
+        pn = tl.sqrt(tl.load(p_sumsq + ti))
+        un = tl.sqrt(tl.load(u_sumsq + ti))
+        trust = tl.where((un != 0.0) & (pn != 0.0), lr * (pn / un), lr)
+        if USE_NVLAMB:
+            ratio = trust
+        else:  # the trust ratio applies only to groups with weight decay
+            ratio = tl.where(wd != 0.0, trust, lr)
+        pp = _tensor_ptr(p_ptrs, ti, DTYPE, ALIGNED)
+        wp = ws + tl.multiple_of(tl.load(ws_off + ti), 16)
+        if full:
+            _lamb2_body(pp, wp, offs, mask, ratio, False)
+        else:
+            _lamb2_body(pp, wp, offs, mask, ratio, True)
+    if ADVANCE:
+        if tl.program_id(0) == 0:
+            tl.store(step_ptr, tl.load(step_ptr) + keep.to(tl.int64))
 
 
 def _f32(x: float) -> float:
@@ -237,7 +301,7 @@ class FusedLAMB(DeviceLR, _LAMBBase):
                  use_nvlamb=False):
         super().__init__(params, lr, bias_correction, betas, eps, weight_decay, amsgrad, adam_w_mode, grad_averaging,
                          set_grad_none, max_grad_norm, use_nvlamb)
-        self._cache: dict = {}
+        self._plans: dict = {}
 
     def _group_step(self, group, device):
         st = group.get("step")
@@ -250,99 +314,114 @@ class FusedLAMB(DeviceLR, _LAMBBase):
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        self._cache.clear()
+        self._plans.clear()
         for group in self.param_groups:  # the counters live on the parameters' device
             if isinstance(group.get("step"), torch.Tensor):
                 group["step"] = group["step"].reshape(1).to(device=group["params"][0].device, dtype=torch.int64)
 
-    def _static(self, key, ps, ms, vs, device):
-        tab = self._cache.get(key)
-        if tab is None:
-            bm = BlockMap(ps, device)
+    def _plan(self, device) -> dict:
+        """Validated launch lists and tables for the current parameters, cached by their addresses.
+
+        Built on the first step (and whenever a parameter moves or gradients appear or vanish):
+        every check before anything is written, moments created (or re-laid once) in their
+        parameter's layout, then per (group, dtype) a block map, pointer tables, the fp32 update
+        workspace (offsets padded to 16 elements: 64-byte aligned rows) and scratch for the norms;
+        one buffer holds every tensor's gradient sum of squares for the global clip.
+        """
+        groups = self.param_groups
+        key = (block_size("lamb", device), tuple((p.data_ptr(), p.grad is None) for g in groups for p in g["params"]))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        lists, index = [], 0
+        for gi, group in enumerate(groups):
+            by_dtype: dict = {}
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.dtype not in TL_DTYPES:
+                    raise RuntimeError(f"FusedLAMB supports float32, float16 and bfloat16 parameters, got {p.dtype} "
+                                       f"(parameter {index - 1})")
+                check_span_layout("FusedLAMB", index - 1, p, {"gradient": p.grad})
+                by_dtype.setdefault(p.dtype, []).append(p)
+            lists += [(gi, dt, ps) for dt, ps in by_dtype.items()]
+        block, plan, total = key[0], {"lists": [], "gkey": None}, sum(len(ps) for _, _, ps in lists)
+        plan["gsq"] = torch.empty(max(total, 1), dtype=torch.float32, device=device)
+        t_off = 0
+        for k, (gi, dt, ps) in enumerate(lists):
+            for p in ps:
+                st = self.state[p]
+                if not st:  # preserve_format: moments in the parameter's layout
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                else:
+                    match_layout_(st, "exp_avg", p)
+                    match_layout_(st, "exp_avg_sq", p)
+            ms = [self.state[p]["exp_avg"] for p in ps]
+            vs = [self.state[p]["exp_avg_sq"] for p in ps]
+            bm = BlockMap(ps, device, block)
             offs, acc = [], 0
             for n in bm.sizes_list:
                 offs.append(acc)
-                acc += n
-            tab = dict(bm=bm, p=ptr_table(ps, device), m=ptr_table(ms, device), v=ptr_table(vs, device),
-                       ws_off=device_int_tensor(offs, device),
-                       ws=torch.empty(max(acc, 1), dtype=torch.float32, device=device))
-            self._cache[key] = tab
-        return tab
+                acc += -(-n // 16) * 16
+            pp, mp, vp = ptr_list(ps), ptr_list(ms), ptr_list(vs)
+            tab = dict(bm=bm, ps=ps, p=device_int_tensor(pp, device), m=device_int_tensor(mp, device),
+                       v=device_int_tensor(vp, device), aligned=aligned(pp, mp, vp),
+                       ws_off=device_int_tensor(offs, device), ws=torch.empty(max(acc, 1), dtype=torch.float32, device=device),
+                       part_u=torch.empty(bm.num_blocks, dtype=torch.float32, device=device),
+                       usq=torch.empty(bm.num_tensors, dtype=torch.float32, device=device),
+                       gsq=plan["gsq"][t_off:t_off + len(ps)],
+                       last=all(g != gi for g, _, _ in lists[k + 1:]))  # the group's last list advances its counter
+            t_off += len(ps)
+            sumsq_buffers(tab, bm, device)
+            plan["lists"].append((gi, dt, tab))
+        self._plans.clear()  # one plan at a time: old tables hold pointers to freed memory
+        self._plans[key] = plan
+        return plan
 
     @torch.no_grad()
     def step(self, closure=None, *, skip=None):
         loss = run_closure(closure)
-        params = self._grads()
-        if not params:
+        first = next((p for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        if first is None:
             return loss
-        device = params[0].device
+        device = first.device
         if not triton_available(device):
             return self._fallback(skip, loss)
         require_triton("FusedLAMB.step", device)
-        # every check before anything is written
-        index = {p: i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
-        for p in params:
-            check_span_layout("FusedLAMB", index[p], p, {"gradient": p.grad})
+        plan = self._plan(device)
+        refresh_grads("FusedLAMB", plan, self.param_groups, device)
         flag, _ = skip_flag(skip, device)
-        for p in params:
-            st = self.state[p]
-            if not st:  # preserve_format: moments in the parameter's layout
-                st["exp_avg"] = torch.zeros_like(p)
-                st["exp_avg_sq"] = torch.zeros_like(p)
-            else:
-                match_layout_(st, "exp_avg", p)
-                match_layout_(st, "exp_avg_sq", p)
-
-        # 1) per-tensor sum of squares of grads and params, per (group, dtype) list
-        lists = []
-        for gi, group in enumerate(self.param_groups):
-            by_dtype: dict = {}
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_dtype.setdefault(p.dtype, []).append(p)
-            for dt, ps in by_dtype.items():
-                ms = [self.state[p]["exp_avg"] for p in ps]
-                vs = [self.state[p]["exp_avg_sq"] for p in ps]
-                key = (gi, dt, tuple(t.data_ptr() for t in ps + ms + vs))
-                tab = self._static(key, ps, ms, vs, device)
-                g_ptrs = grad_table(tab, ps, device)
-                gsq, psq = per_tensor_sumsq(tab["bm"], g_ptrs, tab["p"], dt, dt, device)
-                lists.append((group, dt, tab, g_ptrs, gsq, psq))
-
-        # 2) global gradient norm and clip divisor, on the device
-        gnorm = torch.sqrt(torch.cat([x[4] for x in lists]).sum())
-        max_norm = float(self.defaults["max_grad_norm"])
-        clip = torch.where(gnorm > max_norm, gnorm / max_norm, torch.ones_like(gnorm)).reshape(1)
-
-        # 3) per group and dtype: moments + update, update norms, parameter update
-        steps = {}
-        for group, dt, tab, g_ptrs, _gsq, psq in lists:
-            gid = id(group)
-            if gid not in steps:
-                steps[gid] = (self._group_step(group, device), [])
-            steps[gid][1].append((dt, tab, g_ptrs, psq))
-        for gi, group in enumerate(self.param_groups):
-            if id(group) not in steps:
-                continue
-            step_t, items = steps[id(group)]
+        warps = num_warps("lamb", device)
+        # 1) per-tensor sums of squares of gradients (into one buffer for the global clip) and parameters
+        for _gi, dt, tab in plan["lists"]:
+            per_tensor_sumsq(tab, tab["bm"], tab["g"], tab["p"], dt, dt, device, tab["aligned"] and tab["g_aligned"],
+                             warps, out_a=tab["gsq"])
+        # 2) per group and dtype: moments + update (clip computed in-kernel), update norms, parameter update
+        gsq = plan["gsq"]
+        t_all = gsq.numel()
+        t_chunk = min(1024, triton.next_power_of_2(t_all))
+        max_norm = _f32(self.defaults["max_grad_norm"])
+        for gi, dt, tab in plan["lists"]:
+            group = self.param_groups[gi]
+            step_t = self._group_step(group, device)
             lr_ptr, lr_val, lr_is_ptr = self._lr_args(gi, group, device, flag)
             b1, b2 = group["betas"]
             beta3 = 1 - b1 if group["grad_averaging"] else 1.0
-            for i, (dt, tab, g_ptrs, psq) in enumerate(items):
-                bm = tab["bm"]
-                part_u = torch.empty(bm.num_blocks, device=device, dtype=torch.float32)
-                _lamb_stage1_kernel[(bm.num_blocks,)](
-                    g_ptrs, tab["p"], tab["m"], tab["v"], tab["ws"], tab["ws_off"], bm.blk_tensor, bm.blk_start, bm.sizes,
-                    part_u, clip, step_t, flag, _f32(b1), _f32(b2), float(beta3), float(group["eps"]),
-                    float(group["weight_decay"]), BIAS_CORRECTION=bool(group["bias_correction"]),
-                    ADAM_W=bool(self.adam_w_mode), DTYPE=TL_DTYPES[dt], BLOCK=bm.block)
-                usq = reduce_partials(bm, part_u, device)
-                # only the group's last launch advances the counter
-                last = i == len(items) - 1
-                _lamb_stage2_kernel[(bm.num_blocks,)](
-                    tab["p"], tab["ws"], tab["ws_off"], bm.blk_tensor, bm.blk_start, bm.sizes, psq, usq,
-                    step_t if last else step_t.clone(), flag, lr_ptr, lr_val, float(group["weight_decay"]),
-                    LR_IS_PTR=lr_is_ptr, USE_NVLAMB=bool(self.use_nvlamb), DTYPE=TL_DTYPES[dt], BLOCK=bm.block)
+            wd = float(group["weight_decay"])
+            bm, is_aligned = tab["bm"], tab["aligned"] and tab["g_aligned"]
+            _lamb_stage1_kernel[(bm.num_blocks,)](
+                tab["g"], tab["p"], tab["m"], tab["v"], tab["ws"], tab["ws_off"], bm.blk_tensor, bm.blk_start, bm.sizes,
+                tab["part_u"], gsq, t_all, max_norm, step_t, flag, _f32(b1), _f32(b2), float(beta3),
+                float(group["eps"]), wd, BIAS_CORRECTION=bool(group["bias_correction"]), ADAM_W=bool(self.adam_w_mode),
+                HAS_WD=wd != 0.0, DTYPE=TL_DTYPES[dt], ALIGNED=is_aligned, T_CHUNK=t_chunk,
+                T_PAD=triton.cdiv(t_all, t_chunk) * t_chunk, BLOCK=bm.block, num_warps=warps)
+            reduce_partials(bm, tab["part_u"], tab["usq"], tab["usq"], 1)
+            _lamb_stage2_kernel[(bm.num_blocks,)](
+                tab["p"], tab["ws"], tab["ws_off"], bm.blk_tensor, bm.blk_start, bm.sizes, tab["sq1"], tab["usq"],
+                step_t, flag, lr_ptr, lr_val, wd, LR_IS_PTR=lr_is_ptr, USE_NVLAMB=bool(self.use_nvlamb),
+                ADVANCE=tab["last"], DTYPE=TL_DTYPES[dt], ALIGNED=is_aligned, BLOCK=bm.block, num_warps=warps)
         return loss
 
     def _fallback(self, skip, loss):

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import triton_available
-from ._multi_tensor import TL_DTYPES, _block_coords, check_span_layout, pair_tables, pairs_by_dtype
+from ._multi_tensor import TL_DTYPES, _block_coords, _tensor_ptr, check_span_layout, num_warps, pair_plan, pairs_by_dtype
 
 __all__ = ["restore_where_", "restore_where_reference_"]
 
@@ -27,12 +27,17 @@ _DTYPES = {**TL_DTYPES, torch.int64: tl.int64, torch.int32: tl.int32}  # bits ar
 
 
 @triton.jit
-def _restore_fwd_kernel(d_ptrs, s_ptrs, blk_tensor, blk_start, sizes, flag_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid, ti, offs, mask = _block_coords(blk_tensor, blk_start, sizes, BLOCK)
+def _restore_fwd_kernel(d_ptrs, s_ptrs, blk_tensor, blk_start, sizes, flag_ptr, DTYPE: tl.constexpr,
+                        ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Flag set: reads the source and writes the destination (8 B per fp32 element); clear: nothing."""
     if tl.load(flag_ptr) != 0:
-        dp = tl.load(d_ptrs + ti).to(tl.pointer_type(DTYPE))
-        sp = tl.load(s_ptrs + ti).to(tl.pointer_type(DTYPE))
-        tl.store(dp + offs, tl.load(sp + offs, mask=mask, other=0), mask=mask)
+        pid, ti, offs, mask, full = _block_coords(blk_tensor, blk_start, sizes, BLOCK)
+        dp = _tensor_ptr(d_ptrs, ti, DTYPE, ALIGNED)
+        sp = _tensor_ptr(s_ptrs, ti, DTYPE, ALIGNED)
+        if full:
+            tl.store(dp + offs, tl.load(sp + offs))
+        else:
+            tl.store(dp + offs, tl.load(sp + offs, mask=mask, other=0), mask=mask)
 
 
 def _flag(flag, device) -> torch.Tensor:
@@ -58,21 +63,28 @@ def restore_where_(dst, src, flag, impl: str = "auto") -> None:
     ``impl``: 'auto' (Triton where it can run, else the reference), 'triton' or 'reference'.
     Tensors of any dense layout; each source shares its destination's strides.
     """
-    dst, src = _check(dst, src)
-    if not dst:
-        return
+    dst, src = list(dst), list(src)
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"restore_where_: impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-    device = dst[0].device
-    if impl == "reference" or not triton_available(device) or any(d.dtype not in _DTYPES for d in dst):
+    if not dst or not src or impl == "reference" or not triton_available(dst[0].device):
         return restore_where_reference_(dst, src, flag)
+    device = dst[0].device
+    f = _flag(flag, device)
+    warps = num_warps("restore", device)
+    for dt, ds, ss, bm, d_ptrs, s_ptrs, is_aligned in pair_plan("restore", dst, src, device, _validated):
+        if dt not in _DTYPES:
+            restore_where_reference_(ds, ss, f)
+            continue
+        _restore_fwd_kernel[(bm.num_blocks,)](d_ptrs, s_ptrs, bm.blk_tensor, bm.blk_start, bm.sizes, f,
+                                              DTYPE=_DTYPES[dt], ALIGNED=is_aligned, BLOCK=bm.block, num_warps=warps)
+
+
+def _validated(dst, src) -> dict:
+    """Every check before anything is written; the tensors grouped by dtype (one launch each)."""
+    dst, src = _check(dst, src)
     for i, (d, s) in enumerate(zip(dst, src)):
         check_span_layout("restore_where_", i, d, {"source": s})
-    f = _flag(flag, device)
-    for dt, (ds, ss) in pairs_by_dtype(dst, src).items():
-        bm, d_ptrs, s_ptrs = pair_tables(ds, ss, device)
-        _restore_fwd_kernel[(bm.num_blocks,)](d_ptrs, s_ptrs, bm.blk_tensor, bm.blk_start, bm.sizes, f,
-                                              DTYPE=_DTYPES[dt], BLOCK=bm.block)
+    return pairs_by_dtype(dst, src)
 
 
 @torch.no_grad()

@@ -78,20 +78,49 @@ def test_gpu_check_runs_stages_under_one_budget_and_leaves_few_files(tmp_path):
     from bench import gpu_check
 
     out = tmp_path / "out"
-    rc = gpu_check.main(["--tiny", "--budget-s", "200", "--stages", "tests,ema,step", "--cap", "step=2", "--out", str(out)])
+    rc = gpu_check.main(["--tiny", "--budget-s", "240", "--stages", "tests,tune,ema,step", "--cap", "step=2",
+                         "--out", str(out)])
     assert rc == 1  # the cut stage makes the run incomplete
     stages = {s["stage"]: s for s in json.loads((out / "stages.json").read_text())}
-    assert list(stages) == ["tests", "ema", "step"]
-    assert stages["tests"]["rc"] == 0 and stages["ema"]["rc"] == 0
+    assert list(stages) == ["tests", "tune", "ema", "step"]
+    assert stages["tests"]["rc"] == 0 and stages["tune"]["rc"] == 0 and stages["ema"]["rc"] == 0
     assert stages["step"]["rc"] is None and "cut" in stages["step"]["note"]
     rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
-    assert {r["bench"] for r in rows} == {"ema"} and all("first_call_s" in r for r in rows)
+    assert {r["bench"] for r in rows} == {"tune_launch", "ema"} and all("first_call_s" in r for r in rows)
+    assert {r["launch"] for r in rows} == {"interpreter"}  # every row says which launch settings it ran with
     summary = (out / "summary.md").read_text()
     assert "| ema | provider=ours | vs_flat |" in summary and "not measured" in summary
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["env.txt", "logs.tar.gz", "rows.jsonl", "stages.json", "summary.md"]
+    assert files == ["env.txt", "launch_table.json", "logs.tar.gz", "rows.jsonl", "stages.json", "summary.md"]
 
     out2 = tmp_path / "out2"
     gpu_check.main(["--tiny", "--budget-s", "5", "--stages", "ema", "--out", str(out2)])
     (only,) = json.loads((out2 / "stages.json").read_text())
     assert only["stage"] == "ema" and only["note"].startswith("skipped")
+
+
+def test_tune_launch_writes_a_valid_table_and_keeps_rows_when_cut(tmp_path, monkeypatch, capsys):
+    """The tuner's plumbing on the CPU (the timings mean nothing here): every candidate's row is
+    written as it ends, the table entry is valid, carries provenance and is what the kernels read;
+    a spent budget skips families and writes no entry for them."""
+    from bench import tune_launch
+    from vssl_fast.kernels import launch
+
+    table, rows = tmp_path / "launch_table.json", tmp_path / "rows.jsonl"
+    res = tune_launch.main(["--tiny", "--families", "ema,cosine", "--cap", "sm_90", "--table", str(table),
+                            "--out", str(rows)])
+    assert set(res) == {"ema", "cosine"}
+    lines = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert {r["family"] for r in lines} == {"ema", "cosine"} and all(r["ms"] > 0 for r in lines)
+    assert len(lines) == 2 * 1 + 2 * 4  # two candidates: ema one workload, cosine four
+    saved = json.loads(table.read_text())
+    launch.validate_table(saved)
+    meta = saved["sm_90"]["_measured"]
+    assert meta["command"].startswith("python -m bench.tune_launch") and meta["families"]["ema"]["complete"]
+    monkeypatch.setattr(launch, "_tables", {})
+    for fam in ("ema", "cosine"):
+        assert launch.for_capability(fam, "sm_90", launch.load_table(table)) == res[fam]["best"]
+    cut = tune_launch.main(["--tiny", "--families", "lars", "--budget", "0", "--cap", "sm_90", "--table", str(table),
+                            "--out", ""])
+    assert cut == {} and "lars" not in json.loads(table.read_text())["sm_90"]
+    assert "lars: skipped, budget spent" in capsys.readouterr().out

@@ -52,12 +52,12 @@ def test_tensor_tau_changes_without_new_tables(kernel_device):
     from vssl_fast.kernels import _multi_tensor as mt
 
     t, s = _lists(kernel_device, seed=2)
-    mt._PAIR_TABLES.clear()
+    mt._PAIR_PLANS.clear()
     tau = torch.tensor(0.9, device=kernel_device)
     for k in range(3):
         tau.fill_(0.9 + 0.03 * k)
         ema_update_(t, s, tau, impl="triton")
-    assert len(mt._PAIR_TABLES) == 1
+    assert len(mt._PAIR_PLANS) == 1
 
 
 def test_bf16_and_mixed_dtype_lists(kernel_device):

@@ -173,10 +173,9 @@ def test_channels_last_resnet18_lockstep(name, kernel_device):
 @pytest.mark.parametrize("name", list(OPTS))
 def test_many_blocks_per_tensor(name, kernel_device, monkeypatch):
     """Blocks of 16 elements: every tensor spans many programs (partial sums, offsets, masks)."""
-    from vssl_fast.kernels import _multi_tensor
+    from vssl_fast.kernels import launch
 
-    monkeypatch.setattr(_multi_tensor, "BLOCK", 16)
-    monkeypatch.setattr(_multi_tensor, "INTERPRETER_BLOCK", 16)
+    monkeypatch.setattr(launch, "_overrides", [{f: {"BLOCK": 16} for f in ("ema", "restore", "lars", "lamb")}])
     test_mixed_layouts_lockstep(name, kernel_device)
     test_ema_any_layout_and_mismatch_refused(kernel_device)
 

@@ -35,10 +35,9 @@ def test_matches_reference_bit_for_bit(flag, seed, kernel_device):
 
 
 def test_many_blocks_and_bad_input(kernel_device, monkeypatch):
-    from vssl_fast.kernels import _multi_tensor
+    from vssl_fast.kernels import launch
 
-    monkeypatch.setattr(_multi_tensor, "BLOCK", 16)
-    monkeypatch.setattr(_multi_tensor, "INTERPRETER_BLOCK", 16)
+    monkeypatch.setattr(launch, "_overrides", [{f: {"BLOCK": 16} for f in ("ema", "restore", "lars", "lamb")}])
     d, s = _pairs(kernel_device, 3)
     restore_where_(d, s, torch.ones(1, dtype=torch.int32, device=kernel_device), impl="triton")
     assert all(torch.equal(a.nan_to_num(), x.nan_to_num()) for a, x in zip(d, s))

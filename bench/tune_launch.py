@@ -1,0 +1,195 @@
+"""Launch settings chosen per card by measurement: writes the entry for this card's capability.
+
+    python -m bench.tune_launch                          # on a GPU: every family -> kernels/launch_table.json
+    python -m bench.tune_launch --families lamb,lars --budget 120 --table $OUT/launch_table.json
+    python -m bench.tune_launch --tiny --table /tmp/t.json   # CPU smoke (interpreter): two candidates each
+
+For each kernel family (``kernels/launch.py``) every candidate setting is timed on the product's own
+workload, as GPU time replayed from a CUDA graph of the call (``bench.common.gpu_time_ms``; on a
+machine without CUDA the host-inclusive time, which only tests the plumbing):
+
+- ``ema``, ``restore``: the ImageNet-100 model's teacher (66 tensors, 15.4M elements);
+- ``lars``, ``lamb``: a step over its parameters (86 tensors, 28.1M);
+- ``cosine``: the fused KL+sample and LL, forward+backward, at (B, d) = (256, 256) and (8192, 2048).
+
+A candidate's score is the sum over its workloads of its time relative to the default's, so the
+default is always measured (first) and a winner must beat it. Rows go to ``--out`` as each candidate
+ends, so a cut run keeps what it measured; the table is updated after each family with the best
+setting so far, every timing, and provenance (card, capability, torch/triton versions, date,
+command, whether every candidate ran). Kernels read it at their next table build
+(``VSSL_LAUNCH_TABLE`` points elsewhere), and ``launch.source(device)`` names the entry in use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from vssl_fast.kernels import launch
+
+from bench.common import RowSink, bench_device, env_info, gpu_time_ms, model_param_set, time_ms
+from vssl_fast import kernels as K
+
+FAMILIES = ("lamb", "lars", "ema", "cosine", "restore")  # priority order: the largest gaps first
+
+
+def multi_tensor_candidates(tiny: bool) -> list[dict]:
+    """BLOCK x num_warps with 4 to 64 elements per thread (a 128-bit access holds 4 fp32)."""
+    if tiny:
+        return [{"BLOCK": 4096, "num_warps": 4}, {"BLOCK": 8192, "num_warps": 8}]
+    out = [dict(launch.DEFAULTS["lars"])]
+    for block in (1024, 2048, 4096, 8192, 16384):
+        for warps in (4, 8, 16):
+            per_thread = block // (32 * warps)
+            c = {"BLOCK": block, "num_warps": warps}
+            if 4 <= per_thread <= 64 and c not in out:
+                out.append(c)
+    return out
+
+
+def cosine_candidates(tiny: bool) -> list[dict]:
+    if tiny:
+        return [dict(launch.DEFAULTS["cosine"]), {"TILE": 8192, "num_warps": 8, "num_warps_wide": 8}]
+    out = [dict(launch.DEFAULTS["cosine"])]
+    for tile in (2048, 4096, 8192, 16384):
+        for warps, wide in ((4, 4), (4, 8), (8, 8), (8, 16)):
+            c = {"TILE": tile, "num_warps": warps, "num_warps_wide": wide}
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def workloads(family: str, device, tiny: bool) -> dict:
+    """name -> (call, setup) for the family's workload(s)."""
+    if family == "cosine":
+        shapes = [(4, 8), (8, 3)] if tiny else [(256, 256), (8192, 2048)]
+        out = {}
+        for B, d in shapes:
+            R = 2 * B
+            g = torch.Generator().manual_seed(0)
+            mu, var, mu_t, var_t = (torch.randn(R, d, generator=g).to(device) for _ in range(4))
+            mu.requires_grad_(), var.requires_grad_()
+            seed = torch.tensor([7], device=device)
+            g_kl, g_z = torch.randn(R, device=device), torch.randn(R, d, device=device)
+
+            def kl(mu=mu, var=var, mu_t=mu_t, var_t=var_t, seed=seed, g_kl=g_kl, g_z=g_z):
+                k, z = K.cosine_kl_sample(mu, var, mu_t, var_t, beta=3.0, seed=seed)
+                torch.autograd.backward([k, z], [g_kl, g_z])
+
+            def ll(mu=mu, var=var, mu_t=mu_t, var_t=var_t, g_kl=g_kl):
+                K.cosine_ll(mu, var, mu_t, var_t, beta=1.0).backward(g_kl)
+
+            def zero(mu=mu, var=var):
+                mu.grad = var.grad = None
+
+            out[f"kl_sample B={B} d={d}"] = (kl, zero)
+            out[f"ll B={B} d={d}"] = (ll, zero)
+        return out
+    _, t, s, groups = model_param_set(device, tiny)
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    if family == "ema":
+        tau = torch.tensor(0.996, device=device)
+        return {"ema teacher": (lambda: K.ema_update_(t, s, tau), None)}
+    if family == "restore":
+        flag.fill_(1)
+        return {"restore teacher": (lambda: K.restore_where_(t, s, flag), None)}
+    params = [{k: (list(v) if k == "params" else v) for k, v in g.items()} for g in groups]
+    opt = K.FusedLAMB(params, lr=1e-4, weight_decay=1e-5) if family == "lamb" else K.FusedLARS(params, lr=0.1)
+    return {f"{family} step": (lambda: opt.step(skip=flag), None)}
+
+
+def measure(fn, setup) -> tuple[float, str]:
+    ms, how = gpu_time_ms(fn, setup=setup)
+    if ms is None:  # no CUDA: the plumbing only
+        ms, _, _ = time_ms(fn, setup=setup, warmup=1, rep=3)
+        how = "host-inclusive (no CUDA)"
+    return ms, how
+
+
+def tune_family(family: str, device, tiny: bool, deadline: float, sink: RowSink) -> dict:
+    cands = cosine_candidates(tiny) if family == "cosine" else multi_tensor_candidates(tiny)
+    loads = workloads(family, device, tiny)
+    base: dict = {}
+    results = []
+    for cand in cands:
+        if time.monotonic() > deadline:
+            break
+        times = {}
+        with launch.override(**{family: cand}):
+            for name, (fn, setup) in loads.items():
+                t0 = time.perf_counter()
+                fn()  # compiles this candidate's variants (reported apart)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                ms, how = measure(fn, setup)
+                times[name] = ms
+                sink.emit(dict(family=family, workload=name, **cand, ms=ms, timing=how, first_call_s=first))
+        if not base:
+            base = times
+        score = sum(times[n] / base[n] for n in times)
+        results.append({"settings": cand, "score": score, "ms": times})
+    if not results:
+        return {}
+    best = min(results, key=lambda r: r["score"])
+    return {"best": best["settings"], "score_vs_default": best["score"] / len(loads),
+            "complete": len(results) == len(cands), "candidates": results}
+
+
+def write_entry(path: Path, cap: str, family: str, res: dict, env: dict, argv: list[str]) -> None:
+    """Merge one family's winner into the table (other capabilities and families untouched)."""
+    table = json.loads(path.read_text()) if path.exists() else {}
+    entry = table.setdefault(cap, {})
+    entry[family] = res["best"]
+    meta = entry.setdefault("_measured", {})
+    meta.update(device=env.get("device"), torch=env.get("torch"), triton=env.get("triton"), date=env.get("date"),
+                git=env.get("git"), command="python -m bench.tune_launch " + " ".join(argv))
+    meta.setdefault("families", {})[family] = {k: v for k, v in res.items() if k != "best"}
+    launch.validate_table(table, str(path))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    launch._tables.pop(str(path), None)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds; candidates not started by then are skipped")
+    ap.add_argument("--table", default=str(launch.TABLE_PATH), help="the launch table to update")
+    ap.add_argument("--out", default="bench/results/tune_launch.jsonl", help="append JSON rows here ('' = don't)")
+    ap.add_argument("--tiny", action="store_true", help="tiny workloads, two candidates: a smoke run for the CPU")
+    ap.add_argument("--cap", default=None, help="capability key to write (default: this card's; 'sm_cpu' off CUDA "
+                    "is refused: interpreter settings are not measured)")
+    args = ap.parse_args(argv)
+    families = [f for f in args.families.split(",") if f]
+    for f in families:
+        if f not in launch.DEFAULTS:
+            ap.error(f"--families: unknown family {f!r} (known: {', '.join(FAMILIES)})")
+    device = bench_device()
+    cap = args.cap or launch.capability_key(device)
+    if cap is None:
+        ap.error("no CUDA device: pass --cap sm_XY to write a (smoke-test) entry under that key")
+    env = env_info()
+    sink = RowSink("tune_launch", args.out, env)
+    deadline = time.monotonic() + args.budget
+    summary = {}
+    for fam in families:
+        res = tune_family(fam, device, args.tiny, deadline, sink)
+        if not res:
+            print(f"{fam}: skipped, budget spent")
+            continue
+        write_entry(Path(args.table), cap, fam, res, env, argv)
+        summary[fam] = res
+        print(f"{fam}: {res['best']} ({res['score_vs_default']:.3f} x the default's time; "
+              f"{len(res['candidates'])} candidates{'' if res['complete'] else ', cut by the budget'})")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
