@@ -42,7 +42,16 @@ def env_info() -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
         "launch": _launch_source(cuda),
+        "launch_settings": _launch_settings(cuda),
     }
+
+
+def _launch_settings(cuda: bool) -> dict:
+    """The settings themselves, per kernel family (recorded with every figure)."""
+    from vssl_fast.kernels import launch
+
+    dev = torch.device("cuda" if cuda else "cpu")
+    return {fam: launch.settings(fam, dev) for fam in launch.DEFAULTS}
 
 
 def _launch_source(cuda: bool) -> str:

@@ -61,7 +61,8 @@ def cases():
         yield "ll_bwd", cl._cosine_ll_bwd_kernel, {
             "gll_ptr": P, "m_ptr": t, "r_ptr": t, "mut_ptr": t, "vart_ptr": t, "dm_ptr": t, "dr_ptr": t, "s_m": "i64",
             "s_r": "i64", "s_mut": "i64", "s_vart": "i64", "R": "i32", "D": "i32", "beta": "fp32"}, meta, None
-    yield "noise", cl._sample_noise_kernel, {"out_ptr": P, "seed_ptr": "*i64", "N": "i64"}, dict(BLOCK=1024), None
+    yield "noise", cl._sample_noise_kernel, {"out_ptr": P, "seed_ptr": "*i64", "R": "i32", "D": "i32"}, \
+        dict(BLOCK_R=16, BLOCK_D=256, NUM_CHUNKS=1), None
     tab = {"blk_tensor": "*i32", "blk_start": "*i64", "sizes": "*i64"}
     for is_ptr, al in ((True, True), (False, False)):
         yield "ema", ema._ema_fwd_kernel, {"t_ptrs": "*i64", "s_ptrs": "*i64", **tab, "tau_ptr": P, "tau_val": "fp32"}, \

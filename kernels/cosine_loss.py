@@ -5,8 +5,9 @@ both ordered pairs as 2B rows so they go through one launch. A program handles B
 
 - ``cosine_kl_sample(mu, var, mu_t, var_t, beta, seed, abs_noise) -> (kl [R] fp32, z [R, d])``:
   one pass reduces the six dot products, the row loss follows, and the same program writes
-  ``z = mu + var * |eps|`` with eps from Philox at the *global* element index ``row * d + col``
-  (independent of BLOCK), so backward regenerates eps instead of storing it.
+  ``z = mu + var * |eps|`` with eps a pure function of (seed, row, col): normal ``col % 4`` of
+  the four one Philox call at counter ``row * ceil(d / 4) + col // 4`` gives (independent of the
+  tiling), so backward regenerates eps instead of storing it.
 - ``cosine_ll(m, r, mu_t, var_t, beta) -> ll [R] fp32``.
 
 Backward recomputes the row reductions instead of saving per-row statistics: the gradient
@@ -38,7 +39,7 @@ import triton.language as tl
 from vssl_fast import losses
 
 from . import launch
-from ._common import interpret_mode, next_pow2, require_triton
+from ._common import next_pow2, require_triton
 
 __all__ = [
     "cosine_kl_sample",
@@ -100,8 +101,19 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _noise(seed, offs, ABS_NOISE: tl.constexpr):
-    eps = tl.randn(seed, offs)
+def _noise(seed, rows, col0, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ABS_NOISE: tl.constexpr):
+    """The noise of columns [col0, col0 + BLOCK_D) of ``rows``, [BLOCK_R, BLOCK_D] fp32.
+
+    Element (r, c) is normal number c % 4 of the four that one Philox-4x32-10 call at counter
+    ``r * ceil(d / 4) + c // 4`` gives (two Box-Muller pairs): a quarter of the Philox work and
+    half the log/sqrt of one call per element, and still a pure function of (seed, r, c),
+    independent of the tiling (BLOCK_D is a multiple of 4, col0 of BLOCK_D).
+    """
+    d4 = (D + 3) // 4
+    groups = col0 // 4 + tl.arange(0, BLOCK_D // 4)
+    n1, n2, n3, n4 = tl.randn4x(seed, rows[:, None] * d4 + groups[None, :])
+    # [R, D/4, 2, 2] holding (n1, n2, n3, n4) in row-major order, then one row of D
+    eps = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), (BLOCK_R, BLOCK_D))
     if ABS_NOISE:
         eps = tl.abs(eps)
     return eps
@@ -110,7 +122,7 @@ def _noise(seed, offs, ABS_NOISE: tl.constexpr):
 @triton.jit
 def _cos_grad_store(out_ptr, rows, rmask, D, a_ptr, b_ptr, a_stride, b_stride, kappa, c, ia, ib, big_a,
                     gz_ptr, seed, MODE: tl.constexpr, ABS_NOISE: tl.constexpr,
-                    BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr):
     """out = kappa (b/(na nb) - c 1[|a|>eps] a/na^2), plus grad_z (MODE 1) or grad_z * noise (MODE 2)."""
     k_b = (kappa * ia * ib)[:, None]
     k_a = (kappa * c * big_a * ia * ia)[:, None]
@@ -124,7 +136,7 @@ def _cos_grad_store(out_ptr, rows, rmask, D, a_ptr, b_ptr, a_stride, b_stride, k
         if MODE > 0:
             gz = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if MODE == 2:
-                gz = gz * _noise(seed, offs, ABS_NOISE)
+                gz = gz * _noise(seed, rows, ch * BLOCK_D, D, BLOCK_R, BLOCK_D, ABS_NOISE)
             g += gz
         tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -163,7 +175,7 @@ def _cosine_kl_fwd_kernel(mu_ptr, var_ptr, mut_ptr, vart_ptr, z_ptr, kl_ptr, see
         mu = _tile(mu_ptr, rows, s_mu, cols, mask)
         var = _tile(var_ptr, rows, s_var, cols, mask)
         offs = rows[:, None] * D + cols[None, :]
-        z = mu + var * _noise(seed, offs, ABS_NOISE)
+        z = mu + var * _noise(seed, rows, ch * BLOCK_D, D, BLOCK_R, BLOCK_D, ABS_NOISE)
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
 
 
@@ -186,9 +198,9 @@ def _cosine_kl_bwd_kernel(gkl_ptr, gz_ptr, mu_ptr, var_ptr, mut_ptr, vart_ptr, s
     k_u = -g * 0.5 * (1.0 + 1.0 / s) * _sigmoid(-beta * c_u)
     seed = tl.load(seed_ptr)
     _cos_grad_store(dmu_ptr, rows, rmask, D, mu_ptr, mut_ptr, s_mu, s_mut, k_mu, c_mu, ia_m, ib_m, big_m,
-                    gz_ptr, seed, MU_MODE, ABS_NOISE, BLOCK_D, NUM_CHUNKS)
+                    gz_ptr, seed, MU_MODE, ABS_NOISE, BLOCK_R, BLOCK_D, NUM_CHUNKS)
     _cos_grad_store(dvar_ptr, rows, rmask, D, var_ptr, vart_ptr, s_var, s_vart, k_u, c_u, ia_u, ib_u, big_u,
-                    gz_ptr, seed, VAR_MODE, ABS_NOISE, BLOCK_D, NUM_CHUNKS)
+                    gz_ptr, seed, VAR_MODE, ABS_NOISE, BLOCK_R, BLOCK_D, NUM_CHUNKS)
 
 
 @triton.jit
@@ -213,17 +225,22 @@ def _cosine_ll_bwd_kernel(gll_ptr, m_ptr, r_ptr, mut_ptr, vart_ptr, dm_ptr, dr_p
     k_mu = -g * 2.0 * m * s * _sigmoid(-beta * c_mu)
     k_u = -g * (1.0 / s + 4.0 + m * m) * _sigmoid(-beta * c_u)
     _cos_grad_store(dm_ptr, rows, rmask, D, m_ptr, mut_ptr, s_m, s_mut, k_mu, c_mu, ia_m, ib_m, big_m,
-                    gll_ptr, 0, 0, False, BLOCK_D, NUM_CHUNKS)
+                    gll_ptr, 0, 0, False, BLOCK_R, BLOCK_D, NUM_CHUNKS)
     _cos_grad_store(dr_ptr, rows, rmask, D, r_ptr, vart_ptr, s_r, s_vart, k_u, c_u, ia_u, ib_u, big_u,
-                    gll_ptr, 0, 0, False, BLOCK_D, NUM_CHUNKS)
+                    gll_ptr, 0, 0, False, BLOCK_R, BLOCK_D, NUM_CHUNKS)
 
 
 @triton.jit
-def _sample_noise_kernel(out_ptr, seed_ptr, N, BLOCK: tl.constexpr):
+def _sample_noise_kernel(out_ptr, seed_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                         NUM_CHUNKS: tl.constexpr):
     """The noise the KL kernels draw, written out (tests and references only): 4 B per element."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    rows, rmask = _rows_of_program(R, BLOCK_R)
     seed = tl.load(seed_ptr)
-    tl.store(out_ptr + offs, _noise(seed, offs, False), mask=offs < N)
+    for ch in range(NUM_CHUNKS):
+        cols = ch * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = rmask[:, None] & (cols < D)[None, :]
+        tl.store(out_ptr + rows[:, None] * D + cols[None, :], _noise(seed, rows, ch * BLOCK_D, D, BLOCK_R, BLOCK_D, False),
+                 mask=mask)
 
 
 # ============================================================================ launchers
@@ -234,7 +251,7 @@ def _launch_cfg(R: int, D: int, device: torch.device):
     than the tile, one row (looping over chunks of 2048) otherwise.
     """
     cfg = launch.settings("cosine", device)
-    block_d = min(next_pow2(max(D, 1)), _MAX_BLOCK)
+    block_d = min(max(next_pow2(max(D, 1)), 4), _MAX_BLOCK)  # >= 4: the noise comes in groups of 4 columns
     block_r = max(1, min(cfg["TILE"] // block_d, next_pow2(max(R, 1))))
     meta = dict(BLOCK_R=block_r, BLOCK_D=block_d, NUM_CHUNKS=triton.cdiv(max(D, 1), block_d),
                 num_warps=cfg["num_warps_wide"] if block_d >= 2048 else cfg["num_warps"])
@@ -392,7 +409,7 @@ def cosine_kl_sample(mu, var, mu_t, var_t, *, beta: float = 3.0, seed, abs_noise
     """Per-row cosine KL of eq. (9) between student (mu, var) and teacher (mu_t, var_t), and the sample.
 
     Returns ``(kl, z)``: ``kl`` [R] float32 and ``z = mu + var * |eps|`` (``abs_noise``) or
-    ``mu + var * eps``, eps ~ N(0, 1) from Philox(seed) at element index ``row * d + col``
+    ``mu + var * eps``, eps ~ N(0, 1): normal ``col % 4`` of Philox(seed) at ``row * ceil(d/4) + col // 4``
     (``sample_noise(seed, (R, d))`` returns it). Differentiable in ``mu`` and ``var``.
     ``seed``: an int, or a one-element int64 tensor on the device (no recompiles when it changes).
     """
@@ -414,10 +431,9 @@ def sample_noise(seed, shape, device) -> torch.Tensor:
     require_triton("sample_noise", device)
     R, D = shape
     out = torch.empty((R, D), device=device, dtype=torch.float32)
-    N = R * D
-    if N:
-        block = 65536 if interpret_mode() else 1024
-        _sample_noise_kernel[(triton.cdiv(N, block),)](out, _seed_tensor(seed, device), N, BLOCK=block)
+    if R * D:
+        grid, meta = _launch_cfg(R, D, device)
+        _sample_noise_kernel[grid](out, _seed_tensor(seed, device), R, D, **meta)
     return out
 
 

@@ -103,8 +103,9 @@ def test_tune_launch_writes_a_valid_table_and_keeps_rows_when_cut(tmp_path, monk
     """The tuner's plumbing on the CPU (the timings mean nothing here): every candidate's row is
     written as it ends, the table entry is valid, carries provenance and is what the kernels read;
     a spent budget skips families and writes no entry for them."""
-    from bench import tune_launch
     from vssl_fast.kernels import launch
+
+    from bench import tune_launch
 
     table, rows = tmp_path / "launch_table.json", tmp_path / "rows.jsonl"
     res = tune_launch.main(["--tiny", "--families", "ema,cosine", "--cap", "sm_90", "--table", str(table),

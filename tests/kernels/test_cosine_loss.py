@@ -178,3 +178,64 @@ def test_bad_inputs(kernel_device):
         K.cosine_kl_sample(a, a, a, a, seed=1.5)
     with pytest.raises(ValueError, match=r"seed must be"):
         K.cosine_kl_sample(a, a, a, a, seed=-1)
+
+
+def _philox_normals(seed: int, counters):
+    """Reference for the noise definition: Philox-4x32-10 at 64-bit ``counters`` with key ``seed``,
+    the four words mapped to uniforms and two Box-Muller pairs (Triton's randn4x), in float64."""
+    import numpy as np
+
+    M = np.uint64(0xFFFFFFFF)
+    c = np.asarray(counters, dtype=np.uint64)
+    c0, c1 = c & M, c >> np.uint64(32)
+    c2 = c3 = np.zeros_like(c0)
+    k0, k1 = np.uint64(seed) & M, np.uint64(seed) >> np.uint64(32)
+    A, B = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        p0, p1 = B * c2, A * c0  # < 2**64: exact
+        c0, c1, c2, c3 = ((p0 >> np.uint64(32)) ^ c1 ^ k0), p0 & M, ((p1 >> np.uint64(32)) ^ c3 ^ k1), p1 & M
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & M, (k1 + np.uint64(0xBB67AE85)) & M
+    words = []
+    for w in (c0, c1, c2, c3):
+        x = w.astype(np.uint32).view(np.int32).astype(np.int64)
+        x = np.where(x < 0, ~x, x)
+        words.append(x * 4.6566127342e-10)
+    out = []
+    for u1, u2 in ((words[0], words[1]), (words[2], words[3])):
+        r = np.sqrt(-2.0 * np.log(np.maximum(1e-7, u1)))
+        out += [r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)]
+    return out
+
+
+@pytest.mark.parametrize("d", [1, 3, 8, 13, 300])
+def test_noise_is_the_documented_philox_function_of_seed_row_col(kernel_device, d):
+    """eps[r, c] = normal c % 4 of Philox(seed) at counter r * ceil(d / 4) + c // 4, whatever the tiling."""
+    import numpy as np
+    from vssl_fast.kernels import launch
+
+    R, seed = 5, (3 << 40) + 12345  # a seed above 2**32 exercises both key words
+    eps = K.sample_noise(seed, (R, d), kernel_device).double().cpu().numpy()
+    r, c = np.meshgrid(np.arange(R), np.arange(d), indexing="ij")
+    normals = _philox_normals(seed, r * ((d + 3) // 4) + c // 4)
+    want = np.choose(c % 4, normals)
+    np.testing.assert_allclose(eps, want, rtol=2e-5, atol=2e-5)
+    with launch.override(cosine={"TILE": 8}):  # one or two rows per program instead of all five: another tiling
+        assert torch.equal(K.sample_noise(seed, (R, d), kernel_device).double().cpu(), torch.from_numpy(eps))
+
+
+def test_noise_lanes_are_uncorrelated_normals(kernel_device):
+    """The four normals of one Philox call (adjacent columns) are independent N(0, 1) draws."""
+    R, d = 2048, 64
+    eps = K.sample_noise(7, (R, d), kernel_device).double().cpu()
+    lanes = [eps[:, k::4].reshape(-1) for k in range(4)]
+    n = lanes[0].numel()
+    for k, x in enumerate(lanes):
+        assert abs(x.mean().item()) < 5 / math.sqrt(n) and abs(x.std().item() - 1) < 0.02, k
+    for a in range(4):
+        for b in range(a + 1, 4):
+            corr = torch.corrcoef(torch.stack([lanes[a], lanes[b]]))[0, 1].item()
+            assert abs(corr) < 5 / math.sqrt(n), (a, b, corr)
+    # and |eps| pairs (what z uses) too: a Box-Muller pair's radii are shared, so check magnitudes
+    for a, b in ((0, 1), (2, 3)):
+        corr = torch.corrcoef(torch.stack([lanes[a].abs(), lanes[b].abs()]))[0, 1].item()
+        assert abs(corr) < 5 / math.sqrt(n), (a, b, corr)
