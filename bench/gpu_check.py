@@ -53,7 +53,7 @@ def stages(out: Path, cifar: str) -> list[Stage]:
               py + ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels/test_restore.py"]),
         Stage("tune", 150, 60, py + ["-m", "bench.tune_launch", "--out", rows, "--table", str(out / "launch_table.json"),
                                      "--budget", "120"],
-              py + ["-m", "bench.tune_launch", "--tiny", "--families", "ema", "--cap", "sm_90", "--out", rows,
+              py + ["-m", "bench.tune_launch", "--tiny", "--families", "ema", "--cap", "sm_00", "--out", rows,
                     "--table", str(out / "launch_table.json")]),
         Stage("ema", 60, 20, m("bench_ema"), m("bench_ema", "--tiny")),
         Stage("lars", 60, 20, m("bench_lars"), m("bench_lars", "--tiny")),
@@ -180,8 +180,8 @@ def main(argv=None) -> int:
         name, _, secs = c.partition("=")
         caps[name] = float(secs)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if "tune" in wanted:  # the stages after it launch with the settings it measured (rows say which: 'launch')
-        env["VSSL_LAUNCH_TABLE"] = str(out / "launch_table.json")
+    if "tune" in wanted:  # this run's measurement only: never a table left in OUT by an earlier run
+        (out / "launch_table.json").unlink(missing_ok=True)
     if a.tiny:
         env.setdefault("TRITON_INTERPRET", "0" if _has_cuda() else "1")
     info, logs = [], {}
@@ -207,6 +207,9 @@ def main(argv=None) -> int:
         logs[st.name] = text
         info.append(dict(stage=st.name, rc=rc, seconds=secs, note=note or ("ok" if rc == 0 else "failed: see its log")))
         print(f"   rc={rc} {secs:.0f} s {note}\n" + "\n".join(text.splitlines()[-12:]), flush=True)
+        if st.name == "tune" and (out / "launch_table.json").exists():
+            # the stages after it launch with the settings it measured (rows say which: 'launch')
+            env["VSSL_LAUNCH_TABLE"] = str(out / "launch_table.json")
     rows_path = out / "rows.jsonl"
     rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()] if rows_path.exists() else []
     summary = summarize(rows, info)

@@ -114,11 +114,12 @@ def tune_family(family: str, device, tiny: bool, deadline: float, sink: RowSink)
     cands = cosine_candidates(tiny) if family == "cosine" else multi_tensor_candidates(tiny)
     loads = workloads(family, device, tiny)
     base: dict = {}
+    base_how: dict = {}
     results = []
     for cand in cands:
         if time.monotonic() > deadline:
             break
-        times = {}
+        times, hows = {}, {}
         with launch.override(**{family: cand}):
             for name, (fn, setup) in loads.items():
                 t0 = time.perf_counter()
@@ -129,10 +130,13 @@ def tune_family(family: str, device, tiny: bool, deadline: float, sink: RowSink)
                 ms, how = measure(fn, setup)
                 times[name] = ms
                 sink.emit(dict(family=family, workload=name, **cand, ms=ms, timing=how, first_call_s=first))
+                hows[name] = how
         if not base:
-            base = times
-        score = sum(times[n] / base[n] for n in times)
-        results.append({"settings": cand, "score": score, "ms": times})
+            base, base_how = times, dict(hows)
+        # a candidate timed another way than the default (not capturable) cannot be compared
+        comparable = hows == base_how
+        score = sum(times[n] / base[n] for n in times) if comparable else float("inf")
+        results.append({"settings": cand, "score": score, "ms": times, "timing": hows})
     if not results:
         return {}
     best = min(results, key=lambda r: r["score"])
@@ -145,10 +149,11 @@ def write_entry(path: Path, cap: str, family: str, res: dict, env: dict, argv: l
     table = json.loads(path.read_text()) if path.exists() else {}
     entry = table.setdefault(cap, {})
     entry[family] = res["best"]
-    meta = entry.setdefault("_measured", {})
-    meta.update(device=env.get("device"), torch=env.get("torch"), triton=env.get("triton"), date=env.get("date"),
+    prov = dict(device=env.get("device"), torch=env.get("torch"), triton=env.get("triton"), date=env.get("date"),
                 git=env.get("git"), command="python -m bench.tune_launch " + " ".join(argv))
-    meta.setdefault("families", {})[family] = {k: v for k, v in res.items() if k != "best"}
+    meta = entry.setdefault("_measured", {})
+    meta.update(prov)  # the latest run; each family keeps the provenance of the run that measured it
+    meta.setdefault("families", {})[family] = {**prov, **{k: v for k, v in res.items() if k != "best"}}
     launch.validate_table(table, str(path))
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
@@ -164,8 +169,8 @@ def main(argv=None):
     ap.add_argument("--table", default=str(launch.TABLE_PATH), help="the launch table to update")
     ap.add_argument("--out", default="bench/results/tune_launch.jsonl", help="append JSON rows here ('' = don't)")
     ap.add_argument("--tiny", action="store_true", help="tiny workloads, two candidates: a smoke run for the CPU")
-    ap.add_argument("--cap", default=None, help="capability key to write (default: this card's; 'sm_cpu' off CUDA "
-                    "is refused: interpreter settings are not measured)")
+    ap.add_argument("--cap", default=None, help="capability key to write (default: this card's); without CUDA it "
+                    "must be given, and the entry only tests the plumbing")
     args = ap.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
     for f in families:

@@ -5,11 +5,14 @@ A multi-tensor launch sweeps many tensors in one grid. Program ``i`` handles ele
 from int64 tables. ``BLOCK`` and the warps come from ``launch.settings(family, device)`` (per card).
 
 Plans: the checks, dtype grouping, block maps, pointer tables and scratch buffers of a call are
-built once and cached, keyed by the tensors' storage addresses (a changed layout, dtype or size
-reallocates, so the key changes); a step then costs reading the addresses and the launches.
-Gradient pointers change whenever ``zero_grad(set_to_none=True)`` frees them, so their table is
-rebuilt (and their layouts re-checked) when they moved, sent with a pinned, non-blocking copy (a
-pageable host-to-device copy would synchronize the stream).
+built once and cached, keyed by each tensor's ``signature`` (address, strides, shape, dtype; the
+optimizers also check that their state tensors are the ones the plan points to), so a step costs
+reading those and the launches, and anything that changed is validated again. Gradient pointers
+change whenever ``zero_grad(set_to_none=True)`` frees them, so their table is rebuilt (and their
+layouts re-checked) when a gradient's address or strides changed, sent with a pinned,
+non-blocking copy (a pageable host-to-device copy would synchronize the stream). A rebuilt plan
+frees the previous one's tables and scratch: a CUDA graph captured before a rebuild must be
+captured again (``TrainStep`` captures after the first step and never rebuilds).
 
 Vector width: a block that lies wholly inside its tensor ("full") is swept without a mask, and
 when every pointer of the plan is 16-byte aligned (checked on the host) the kernels promise it to
@@ -144,56 +147,84 @@ def ptr_table(tensors: list[torch.Tensor], device) -> torch.Tensor:
     return device_int_tensor(ptr_list(tensors), device)
 
 
-def pairs_by_dtype(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
-    """{dtype: (tensors of ``a``, their partners in ``b``)}: one launch per dtype for paired sweeps."""
-    groups: dict = {}
-    for x, y in zip(a, b):
-        xs, ys = groups.setdefault(x.dtype, ([], []))
-        xs.append(x)
-        ys.append(y)
-    return groups
+def signature(t: torch.Tensor) -> tuple:
+    """What a plan assumes of a tensor: address, strides, shape, dtype. A plan is reused only while
+    every tensor still has its signature, so a view, ``.data = ...``, ``resize_`` or ``as_strided``
+    at the same address is validated again instead of swept with stale assumptions."""
+    return t.data_ptr(), t.stride(), t.shape, t.dtype
 
 
 _PAIR_PLANS: dict = {}
 
 
-def pair_plan(family: str, a: list[torch.Tensor], b: list[torch.Tensor], device, build):
+def pair_plan(family: str, a: list[torch.Tensor], b: list[torch.Tensor], device, validate, dtypes):
     """The launches of a paired sweep (EMA teacher/student, restore destination/source), cached.
 
-    Tensors are known by their storage addresses: a changed layout, dtype or size reallocates
-    (``.to(...)``, ``.data = ...``), which changes the key, so a cached plan's checks still hold
-    and a step pays only for reading the addresses. ``build(a, b)`` validates (raising before
-    anything is written) and returns ``{dtype: (a tensors, b tensors)}``; the plan per dtype is
-    (block map, pointer tables, whether every pointer is 16-byte aligned).
+    Keyed by every tensor's ``signature`` (address, strides, shape, dtype), so a cached plan's
+    checks still hold and a call pays only for reading them. ``validate(a, b)`` raises before
+    anything is written. The plan is a list of (dtype, indices into the lists, block map, pointer
+    tables, whether every pointer is 16-byte aligned), one launch each; a dtype outside ``dtypes``
+    gets (dtype, indices, None, None, None, None) for the caller's fallback. Plans hold pointers,
+    not tensors: a tensor freed and reallocated elsewhere changes the key.
     """
     block = block_size(family, device)
-    key = (family, block, tuple(map(torch.Tensor.data_ptr, a)), tuple(map(torch.Tensor.data_ptr, b)))
+    key = (family, block, tuple(map(signature, a)), tuple(map(signature, b)))
     plan = _PAIR_PLANS.get(key)
     if plan is None:
+        validate(a, b)
+        by_dtype: dict = {}
+        for i, x in enumerate(a):
+            by_dtype.setdefault(x.dtype, []).append(i)
         plan = []
-        for dt, (xs, ys) in build(a, b).items():
-            px, py = ptr_list(xs), ptr_list(ys)
-            plan.append((dt, xs, ys, BlockMap(xs, device, block), device_int_tensor(px, device),
+        for dt, idx in by_dtype.items():
+            if dt not in dtypes:
+                plan.append((dt, idx, None, None, None, None))
+                continue
+            px, py = ptr_list([a[i] for i in idx]), ptr_list([b[i] for i in idx])
+            plan.append((dt, idx, BlockMap([a[i] for i in idx], device, block), device_int_tensor(px, device),
                          device_int_tensor(py, device), aligned(px, py)))
-        if len(_PAIR_PLANS) > 64:
+        if len(_PAIR_PLANS) >= 16:
             _PAIR_PLANS.clear()
         _PAIR_PLANS[key] = plan
     return plan
 
 
+def params_key(family: str, device, groups: list, extra=()) -> tuple:
+    """An optimizer plan's key: block size, every parameter's ``signature`` and whether it has a gradient."""
+    return (block_size(family, device), tuple((signature(p), p.grad is None) for g in groups for p in g["params"]),
+            extra)
+
+
+def state_current(state, plan: dict) -> bool:
+    """True while every state tensor the plan points to is still the optimizer's (a state reset by
+    hand, ``state.clear()`` or a replaced buffer makes the plan stale)."""
+    return all(state[p].get(k) is t for p, k, t in plan["state"])
+
+
+def check_state(who: str, index: int, p: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    """Optimizer state a fused kernel reads as the parameter's dtype must have its dtype and shape."""
+    if t.dtype != p.dtype or t.shape != p.shape:
+        raise RuntimeError(f"{who}: parameter {index} ({p.dtype}, shape {tuple(p.shape)}): its state '{name}' is "
+                           f"{t.dtype} of shape {tuple(t.shape)}; the fused kernels need the parameter's dtype and shape")
+
+
+def grad_signature(groups: list) -> tuple:
+    """(address, strides) of every gradient, None where there is none (shape and dtype are
+    enforced by autograd on assignment)."""
+    return tuple(None if (g := p.grad) is None or g.is_sparse else (g.data_ptr(), g.stride())
+                 for grp in groups for p in grp["params"])
+
+
 def refresh_grads(who: str, plan: dict, groups: list, device) -> None:
     """Gradient pointer tables of an optimizer's plan, rebuilt (and the gradients' layouts checked,
-    before anything is written) only when a gradient moved.
+    before anything is written) only when a gradient's address or strides changed.
 
     With persistent gradients (``zero_grad(set_to_none=False)``, as the product's step does) the
     pointers never change and no table is sent after the first step; with ``set_to_none=True``
     each step's fresh gradients need new tables (one small pinned copy per list).
     """
-    try:
-        key = tuple(p.grad.data_ptr() for _, _, tab in plan["lists"] for p in tab["ps"])
-    except (RuntimeError, AttributeError):  # a sparse or missing gradient: the checks below name it
-        key = None
-    if key is not None and key == plan["gkey"]:
+    key = grad_signature(groups)
+    if key == plan["gkey"]:
         return
     index = {id(p): i for i, p in enumerate(q for g in groups for q in g["params"])}
     for _, _, tab in plan["lists"]:
@@ -369,4 +400,7 @@ def skip_flag(skip, device) -> tuple[torch.Tensor, bool]:
         return flag, False
     if not isinstance(skip, torch.Tensor) or skip.numel() != 1:
         raise ValueError("skip must be None or a one-element tensor on the parameters' device (nonzero = skip)")
-    return skip.reshape(1).to(device=device, dtype=torch.int32), True
+    flag = skip.reshape(1).to(device=device)
+    if flag.dtype != torch.int32:  # any nonzero value skips, as in the references (0.5 included)
+        flag = (flag != 0).to(torch.int32)
+    return flag, True

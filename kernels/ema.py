@@ -32,7 +32,6 @@ from ._multi_tensor import (
     check_span_layout,
     num_warps,
     pair_plan,
-    pairs_by_dtype,
 )
 
 __all__ = ["ema_update_", "ema_update_reference_", "ema_update_loop_"]
@@ -104,21 +103,20 @@ def ema_update_(teacher, student, tau, impl: str = "auto") -> None:
     tau_is_ptr = isinstance(tau, torch.Tensor)
     tau_t = tau.reshape(()).to(device=device) if tau_is_ptr else teacher[0]
     warps = num_warps("ema", device)
-    for dt, ts, ss, bm, t_ptrs, s_ptrs, is_aligned in pair_plan("ema", teacher, student, device, _validated):
-        if dt not in TL_DTYPES:
-            ema_update_reference_(ts, ss, tau)
+    for dt, idx, bm, t_ptrs, s_ptrs, is_aligned in pair_plan("ema", teacher, student, device, _validate, TL_DTYPES):
+        if bm is None:  # float64 and other dtypes the kernel does not take
+            ema_update_reference_([teacher[i] for i in idx], [student[i] for i in idx], tau)
             continue
         _ema_fwd_kernel[(bm.num_blocks,)](t_ptrs, s_ptrs, bm.sizes, bm.blk_tensor, bm.blk_start, tau_t,
                                           0.0 if tau_is_ptr else float(tau), TAU_IS_PTR=tau_is_ptr,
                                           DTYPE=TL_DTYPES[dt], ALIGNED=is_aligned, BLOCK=bm.block, num_warps=warps)
 
 
-def _validated(teacher, student) -> dict:
-    """Every check before anything is written; the tensors grouped by dtype (one launch each)."""
+def _validate(teacher, student) -> None:
+    """Every check before anything is written."""
     teacher, student = _check_lists("ema_update_", teacher, student)
     for i, (t, s) in enumerate(zip(teacher, student)):
         check_span_layout("ema_update_", i, t, {"student tensor": s})
-    return pairs_by_dtype(teacher, student)
 
 
 @torch.no_grad()

@@ -43,16 +43,18 @@ from ._multi_tensor import (
     _st,
     _tensor_ptr,
     aligned,
-    block_size,
     check_span_layout,
+    check_state,
     device_int_tensor,
     match_layout_,
     num_warps,
+    params_key,
     per_tensor_sumsq,
     ptr_list,
     reduce_partials,
     refresh_grads,
     skip_flag,
+    state_current,
     sumsq_buffers,
 )
 
@@ -320,18 +322,19 @@ class FusedLAMB(DeviceLR, _LAMBBase):
                 group["step"] = group["step"].reshape(1).to(device=group["params"][0].device, dtype=torch.int64)
 
     def _plan(self, device) -> dict:
-        """Validated launch lists and tables for the current parameters, cached by their addresses.
+        """Validated launch lists and tables for the current parameters and state, cached.
 
-        Built on the first step (and whenever a parameter moves or gradients appear or vanish):
-        every check before anything is written, moments created (or re-laid once) in their
+        Built on the first step, and again whenever a parameter's address, strides, shape or dtype
+        changed, gradients appeared or vanished, or a moment is no longer the one the plan points
+        to: every check before anything is written, moments created (or re-laid once) in their
         parameter's layout, then per (group, dtype) a block map, pointer tables, the fp32 update
         workspace (offsets padded to 16 elements: 64-byte aligned rows) and scratch for the norms;
         one buffer holds every tensor's gradient sum of squares for the global clip.
         """
         groups = self.param_groups
-        key = (block_size("lamb", device), tuple((p.data_ptr(), p.grad is None) for g in groups for p in g["params"]))
+        key = params_key("lamb", device, groups)
         plan = self._plans.get(key)
-        if plan is not None:
+        if plan is not None and state_current(self.state, plan):
             return plan
         lists, index = [], 0
         for gi, group in enumerate(groups):
@@ -340,26 +343,31 @@ class FusedLAMB(DeviceLR, _LAMBBase):
                 index += 1
                 if p.grad is None:
                     continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"FusedLAMB does not support sparse gradients (parameter {index - 1})")
                 if p.dtype not in TL_DTYPES:
                     raise RuntimeError(f"FusedLAMB supports float32, float16 and bfloat16 parameters, got {p.dtype} "
                                        f"(parameter {index - 1})")
                 check_span_layout("FusedLAMB", index - 1, p, {"gradient": p.grad})
+                for name, t in self.state.get(p, {}).items():
+                    if name in ("exp_avg", "exp_avg_sq"):
+                        check_state("FusedLAMB", index - 1, p, name, t)
                 by_dtype.setdefault(p.dtype, []).append(p)
             lists += [(gi, dt, ps) for dt, ps in by_dtype.items()]
-        block, plan, total = key[0], {"lists": [], "gkey": None}, sum(len(ps) for _, _, ps in lists)
+        block, plan, total = key[0], {"lists": [], "gkey": None, "state": []}, sum(len(ps) for _, _, ps in lists)
         plan["gsq"] = torch.empty(max(total, 1), dtype=torch.float32, device=device)
         t_off = 0
         for k, (gi, dt, ps) in enumerate(lists):
             for p in ps:
                 st = self.state[p]
-                if not st:  # preserve_format: moments in the parameter's layout
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                else:
-                    match_layout_(st, "exp_avg", p)
-                    match_layout_(st, "exp_avg_sq", p)
+                for name in ("exp_avg", "exp_avg_sq"):
+                    if name not in st:  # preserve_format: moments in the parameter's layout
+                        st[name] = torch.zeros_like(p)
+                    else:
+                        match_layout_(st, name, p)
             ms = [self.state[p]["exp_avg"] for p in ps]
             vs = [self.state[p]["exp_avg_sq"] for p in ps]
+            plan["state"] += [(p, "exp_avg", m) for p, m in zip(ps, ms)] + [(p, "exp_avg_sq", v) for p, v in zip(ps, vs)]
             bm = BlockMap(ps, device, block)
             offs, acc = [], 0
             for n in bm.sizes_list:
@@ -376,7 +384,9 @@ class FusedLAMB(DeviceLR, _LAMBBase):
             t_off += len(ps)
             sumsq_buffers(tab, bm, device)
             plan["lists"].append((gi, dt, tab))
-        self._plans.clear()  # one plan at a time: old tables hold pointers to freed memory
+        # groups without a gradient this step: apex still advances their counters (LAMBReference does)
+        plan["idle"] = [gi for gi in range(len(groups)) if all(g != gi for g, _, _ in lists)]
+        self._plans.clear()  # one plan at a time: old tables hold pointers to memory that may be freed
         self._plans[key] = plan
         return plan
 
@@ -422,6 +432,8 @@ class FusedLAMB(DeviceLR, _LAMBBase):
                 tab["p"], tab["ws"], tab["ws_off"], bm.blk_tensor, bm.blk_start, bm.sizes, tab["sq1"], tab["usq"],
                 step_t, flag, lr_ptr, lr_val, wd, LR_IS_PTR=lr_is_ptr, USE_NVLAMB=bool(self.use_nvlamb),
                 ADVANCE=tab["last"], DTYPE=TL_DTYPES[dt], ALIGNED=is_aligned, BLOCK=bm.block, num_warps=warps)
+        for gi in plan["idle"]:
+            self._group_step(self.param_groups[gi], device).add_((flag == 0).to(torch.int64))
         return loss
 
     def _fallback(self, skip, loss):

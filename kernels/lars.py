@@ -32,15 +32,17 @@ from ._multi_tensor import (
     _st,
     _tensor_ptr,
     aligned,
-    block_size,
     check_span_layout,
+    check_state,
     device_int_tensor,
     match_layout_,
     num_warps,
+    params_key,
     per_tensor_sumsq,
     ptr_list,
     refresh_grads,
     skip_flag,
+    state_current,
     sumsq_buffers,
 )
 
@@ -157,19 +159,18 @@ class FusedLARS(DeviceLR, _LARSBase):
         self._plans.clear()
 
     def _plan(self, device) -> dict:
-        """Validated launch lists and tables for the current parameters, cached by their addresses.
+        """Validated launch lists and tables for the current parameters and state, cached.
 
-        Built on the first step (and whenever a parameter moves, a group changes its exclusion
-        rule or gradients appear or vanish): every check before anything is written, momentum
-        buffers created (or re-laid once) in their parameter's layout, then per (group, dtype) a
-        block map, pointer tables and scratch for the norms.
+        Built on the first step, and again whenever a parameter's address, strides, shape or dtype
+        changed, gradients appeared or vanished, a group changed its exclusion rule, or a momentum
+        buffer is no longer the one the plan points to: every check before anything is written,
+        momentum buffers created (or re-laid once) in their parameter's layout, then per (group,
+        dtype) a block map, pointer tables and scratch for the norms.
         """
         groups = self.param_groups
-        key = (block_size("lars", device),
-               tuple((p.data_ptr(), p.grad is None) for g in groups for p in g["params"]),
-               tuple(bool(g["exclude_bias_n_norm"]) for g in groups))
+        key = params_key("lars", device, groups, tuple(bool(g["exclude_bias_n_norm"]) for g in groups))
         plan = self._plans.get(key)
-        if plan is not None:
+        if plan is not None and state_current(self.state, plan):
             return plan
         lists, index = [], 0
         for gi, group in enumerate(groups):
@@ -178,14 +179,18 @@ class FusedLARS(DeviceLR, _LARSBase):
                 index += 1
                 if p.grad is None:
                     continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"FusedLARS does not support sparse gradients (parameter {index - 1})")
                 if p.dtype not in TL_DTYPES:
                     raise RuntimeError(f"FusedLARS supports float32, float16 and bfloat16 parameters, got {p.dtype} "
                                        f"(parameter {index - 1})")
                 check_span_layout("FusedLARS", index - 1, p, {"gradient": p.grad})
+                if "momentum_buffer" in self.state.get(p, {}):
+                    check_state("FusedLARS", index - 1, p, "momentum_buffer", self.state[p]["momentum_buffer"])
                 by_dtype.setdefault(p.dtype, []).append(p)
             lists += [(gi, dt, ps) for dt, ps in by_dtype.items()]
         block = key[0]
-        plan = {"lists": [], "gkey": None}
+        plan = {"lists": [], "gkey": None, "state": []}
         for gi, dt, ps in lists:
             for p in ps:
                 st = self.state[p]
@@ -194,6 +199,7 @@ class FusedLARS(DeviceLR, _LARSBase):
                 else:
                     match_layout_(st, "momentum_buffer", p)
             bufs = [self.state[p]["momentum_buffer"] for p in ps]
+            plan["state"] += [(p, "momentum_buffer", b) for p, b in zip(ps, bufs)]
             excl = [int(p.ndim == 1 and groups[gi]["exclude_bias_n_norm"]) for p in ps]
             pp, bp = ptr_list(ps), ptr_list(bufs)
             bm = BlockMap(ps, device, block)
@@ -201,7 +207,7 @@ class FusedLARS(DeviceLR, _LARSBase):
                        excl=device_int_tensor(excl, device, torch.int32), aligned=aligned(pp, bp))
             sumsq_buffers(tab, bm, device)
             plan["lists"].append((gi, dt, tab))
-        self._plans.clear()  # one plan at a time: old tables hold pointers to freed memory
+        self._plans.clear()  # one plan at a time: old tables hold pointers to memory that may be freed
         self._plans[key] = plan
         return plan
 

@@ -12,6 +12,11 @@ Every Triton kernel in this package takes its launch settings from ``settings(fa
 Nothing here runs at import or in the CPU tests beyond a dictionary lookup; there is no autotuner
 in the launch path (its first call would time every candidate inside a user's training step).
 
+Determinism: the optimizers' norms are reduced per block in a fixed order, so they are the same
+bits on every run with the same ``BLOCK``; a run resumed under another table (another card, a
+re-tuned entry, ``VSSL_LAUNCH_TABLE``) continues correctly but not bit-identically.
+Overrides are process-wide (not per thread).
+
 Families (the kernels that share a block map must share ``BLOCK``):
 
 - ``ema``, ``restore``: one multi-tensor sweep each; ``BLOCK`` elements per program, ``num_warps``;
@@ -107,19 +112,21 @@ def validate_table(table: dict, where: str = "launch table") -> None:
                 continue  # provenance: card, versions, date, timings
             if fam not in DEFAULTS:
                 raise ValueError(f"{where}: {cap}: unknown kernel family {fam!r} (known: {sorted(DEFAULTS)})")
+            if not isinstance(st, dict):
+                raise ValueError(f"{where}: {cap}.{fam} must be an object of settings, got {st!r}")
             for k, v in st.items():
                 if k not in DEFAULTS[fam]:
                     raise ValueError(f"{where}: {cap}.{fam}: unknown setting {k!r} (known: {sorted(DEFAULTS[fam])})")
-                if v not in ALLOWED[k]:
+                if type(v) is not int or v not in ALLOWED[k]:
                     raise ValueError(f"{where}: {cap}.{fam}.{k} = {v!r}; allowed: {ALLOWED[k]}")
 
 
 def settings(family: str, device: torch.device) -> dict:
-    """Launch settings of ``family`` for tensors on ``device`` (a fresh dict)."""
-    for o in reversed(_overrides):
-        if family in o:
-            return {**_base(family, device), **o[family]}
-    return _base(family, device)
+    """Launch settings of ``family`` for tensors on ``device`` (a fresh dict; overrides applied in order)."""
+    out = _base(family, device)
+    for o in _overrides:
+        out.update(o.get(family, {}))
+    return out
 
 
 def _base(family: str, device: torch.device) -> dict:
@@ -156,9 +163,11 @@ def override(**families):
     for fam, st in families.items():
         if fam not in DEFAULTS:
             raise ValueError(f"override: unknown kernel family {fam!r}")
-        for k in st:
+        for k, v in st.items():
             if k not in DEFAULTS[fam]:
                 raise ValueError(f"override: {fam}: unknown setting {k!r}")
+            if type(v) is not int or v < 1 or v & (v - 1):  # tests may go below ALLOWED (16-element blocks)
+                raise ValueError(f"override: {fam}.{k} = {v!r}; a power of two is needed")
     _overrides.append(families)
     try:
         yield

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import triton_available
-from ._multi_tensor import TL_DTYPES, _block_coords, _tensor_ptr, check_span_layout, num_warps, pair_plan, pairs_by_dtype
+from ._multi_tensor import TL_DTYPES, _block_coords, _tensor_ptr, check_span_layout, num_warps, pair_plan
 
 __all__ = ["restore_where_", "restore_where_reference_"]
 
@@ -71,20 +71,19 @@ def restore_where_(dst, src, flag, impl: str = "auto") -> None:
     device = dst[0].device
     f = _flag(flag, device)
     warps = num_warps("restore", device)
-    for dt, ds, ss, bm, d_ptrs, s_ptrs, is_aligned in pair_plan("restore", dst, src, device, _validated):
-        if dt not in _DTYPES:
-            restore_where_reference_(ds, ss, f)
+    for dt, idx, bm, d_ptrs, s_ptrs, is_aligned in pair_plan("restore", dst, src, device, _validate, _DTYPES):
+        if bm is None:  # dtypes the kernel does not take
+            restore_where_reference_([dst[i] for i in idx], [src[i] for i in idx], f)
             continue
         _restore_fwd_kernel[(bm.num_blocks,)](d_ptrs, s_ptrs, bm.blk_tensor, bm.blk_start, bm.sizes, f,
                                               DTYPE=_DTYPES[dt], ALIGNED=is_aligned, BLOCK=bm.block, num_warps=warps)
 
 
-def _validated(dst, src) -> dict:
-    """Every check before anything is written; the tensors grouped by dtype (one launch each)."""
+def _validate(dst, src) -> None:
+    """Every check before anything is written."""
     dst, src = _check(dst, src)
     for i, (d, s) in enumerate(zip(dst, src)):
         check_span_layout("restore_where_", i, d, {"source": s})
-    return pairs_by_dtype(dst, src)
 
 
 @torch.no_grad()

@@ -228,3 +228,124 @@ def test_moved_teacher_and_restore_sources_are_picked_up(kernel_device):
     src = [x + 1 for x in src]  # new sources
     restore_where_(t, src, torch.ones(1, dtype=torch.int32, device=kernel_device), impl="triton")
     assert all(torch.equal(a, b) for a, b in zip(t, src))
+
+
+# ------------------------------------------------------------------------------------ stale plans (review of a82f44a)
+@pytest.mark.parametrize("name", list(OPTS))
+def test_state_replaced_by_hand_or_cleared_is_used(name, kernel_device):
+    """A plan points at the state tensors it was built with: a buffer replaced by hand or a cleared
+    state must be picked up (a stale pointer would update a detached or freed tensor)."""
+    fused_cls, ref_cls, kw = OPTS[name]
+    pf = _params(kernel_device)
+    pr = [p.detach().clone().requires_grad_() for p in pf]
+    of, orf = fused_cls(pf, **kw), ref_cls(pr, **kw)
+    for step in range(4):
+        if step == 1:
+            for o in (of, orf):
+                for p in o.state:
+                    for k, v in o.state[p].items():
+                        if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                            o.state[p][k] = torch.full_like(v, 0.01)  # a new tensor, new values
+        if step == 2:
+            of.state.clear()
+            orf.state.clear()
+        _set_grads(pf, 20 + step)
+        _set_grads(pr, 20 + step)
+        of.step()
+        orf.step()
+    assert len(of.state) == len(pf)
+    assert_params_close(pf, pr, 1e-5, 1e-6, name)
+    assert_params_close(state_tensors(of), state_tensors(orf), 1e-5, 1e-6, name + " state")
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_state_of_another_dtype_or_shape_refused_before_writing(name, kernel_device):
+    fused_cls, _, kw = OPTS[name]
+    ps = _params(kernel_device)
+    opt = fused_cls(ps, **kw)
+    _set_grads(ps, 1)
+    opt.step()
+    key = next(k for k, v in opt.state[ps[1]].items() if isinstance(v, torch.Tensor) and v.shape == ps[1].shape)
+    opt.state[ps[1]][key] = opt.state[ps[1]][key].double()
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(RuntimeError, match=rf"parameter 1 .*its state '{key}' is torch.float64"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
+
+
+def test_views_at_the_same_address_are_validated_again(kernel_device):
+    """Same data pointers, other strides or shapes: checked again, never swept with the old plan."""
+    t = torch.randn(4, 4, device=kernel_device)
+    s = torch.randn(4, 4, device=kernel_device)
+    ema_update_([t], [s], 0.5, impl="triton")
+    with pytest.raises(RuntimeError, match="student tensor has shape"):
+        ema_update_([t], [s.t()], 0.5, impl="triton")
+    with pytest.raises(ValueError, match="teacher shape"):
+        ema_update_([t.view(2, 8)], [s.view(4, 4)], 0.5, impl="triton")
+    d, src = torch.zeros(8, device=kernel_device), torch.ones(8, device=kernel_device)
+    flag = torch.ones(1, dtype=torch.int32, device=kernel_device)
+    restore_where_([d[:8]], [src[:8]], flag, impl="triton")
+    d.zero_()
+    restore_where_([d[:4]], [src[:4]], flag, impl="triton")
+    assert d.tolist() == [1.0] * 4 + [0.0] * 4  # the shorter view only
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_gradient_with_other_strides_at_the_same_address_refused(name, kernel_device):
+    fused_cls, _, kw = OPTS[name]
+    ps = _params(kernel_device)
+    ps[0].data = ps[0].data.contiguous(memory_format=torch.channels_last)
+    opt = fused_cls(ps, **kw)
+    _set_grads(ps, 1)
+    opt.step()
+    g = ps[0].grad
+    ps[0].grad = g.as_strided(g.shape, torch.empty(g.shape).stride())  # same storage, contiguous strides
+    assert ps[0].grad.data_ptr() == g.data_ptr()
+    with pytest.raises(RuntimeError, match=r"parameter 0 .*its gradient has shape"):
+        opt.step()
+
+
+def test_lamb_advances_counters_of_groups_without_gradients_like_the_reference(kernel_device):
+    pf = _params(kernel_device)
+    pr = [p.detach().clone().requires_grad_() for p in pf]
+    of = FusedLAMB([{"params": pf[:2]}, {"params": pf[2:]}], lr=1e-2)
+    orf = LAMBReference([{"params": pr[:2]}, {"params": pr[2:]}], lr=1e-2)
+    for step in range(3):
+        for ps in (pf, pr):
+            _set_grads(ps[:2], 30 + step)
+            ps[2].grad = None if step == 1 else torch.ones_like(ps[2])
+        of.step()
+        orf.step()
+    assert [int(g["step"]) for g in of.param_groups] == [g["step"] for g in orf.param_groups] == [3, 3]
+    assert_params_close(pf, pr, 1e-5, 1e-6, "lamb")
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_any_nonzero_skip_value_skips(name, kernel_device):
+    fused_cls, _, kw = OPTS[name]
+    ps = _params(kernel_device)
+    opt = fused_cls(ps, **kw)
+    _set_grads(ps, 1)
+    before = [p.detach().clone() for p in ps]
+    opt.step(skip=torch.tensor(0.5, device=kernel_device))
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"lars": {"BLOCK": 4096.0}}, "BLOCK = 4096.0"),
+    ({"lars": {"num_warps": True}}, "num_warps = True"),
+    ({"lars": 4096}, "must be an object of settings"),
+])
+def test_table_values_must_be_ints_and_objects(entry, match):
+    with pytest.raises(ValueError, match=match):
+        launch.validate_table({"sm_90": entry}, "t.json")
+
+
+def test_nested_overrides_merge_and_bad_values_are_refused():
+    cpu = torch.device("cpu")
+    with launch.override(lars={"BLOCK": 32}):
+        with launch.override(lars={"num_warps": 2}):
+            assert launch.settings("lars", cpu) == {"BLOCK": 32, "num_warps": 2}
+    with pytest.raises(ValueError, match="power of two"):
+        with launch.override(lars={"BLOCK": 3000}):
+            pass
