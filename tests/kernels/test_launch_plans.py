@@ -158,13 +158,19 @@ def _set_grads(ps, seed, like=None):
             p.grad = torch.empty_like(p).copy_(x)
 
 
-@pytest.mark.parametrize("name", list(OPTS))
-def test_plan_reused_while_nothing_moves_and_grad_tables_follow_moved_grads(name, kernel_device):
+def _stepped_once(name, device):
+    """A fused optimizer over three parameters after one step (plan built), and the parameters."""
     fused_cls, _, kw = OPTS[name]
-    ps = _params(kernel_device)
+    ps = _params(device)
     opt = fused_cls(ps, **kw)
     _set_grads(ps, 1)
     opt.step()
+    return opt, ps
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_plan_reused_while_nothing_moves_and_grad_tables_follow_moved_grads(name, kernel_device):
+    opt, ps = _stepped_once(name, kernel_device)
     (plan,) = opt._plans.values()
     g_table = plan["lists"][0][2]["g"]
     for k in range(2):  # persistent gradients (the product's step): nothing rebuilt, nothing sent
@@ -199,11 +205,7 @@ def test_moved_parameters_are_picked_up(name, kernel_device):
 
 @pytest.mark.parametrize("name", list(OPTS))
 def test_gradient_with_another_layout_refused_before_writing(name, kernel_device):
-    fused_cls, _, kw = OPTS[name]
-    ps = _params(kernel_device)
-    opt = fused_cls(ps, **kw)
-    _set_grads(ps, 1)
-    opt.step()
+    opt, ps = _stepped_once(name, kernel_device)
     before = [p.detach().clone() for p in ps] + [t.clone() for t in state_tensors(opt)]
     _set_grads(ps, 2)
     ps[0].grad = ps[0].grad.contiguous(memory_format=torch.channels_last)
@@ -260,11 +262,7 @@ def test_state_replaced_by_hand_or_cleared_is_used(name, kernel_device):
 
 @pytest.mark.parametrize("name", list(OPTS))
 def test_state_of_another_dtype_or_shape_refused_before_writing(name, kernel_device):
-    fused_cls, _, kw = OPTS[name]
-    ps = _params(kernel_device)
-    opt = fused_cls(ps, **kw)
-    _set_grads(ps, 1)
-    opt.step()
+    opt, ps = _stepped_once(name, kernel_device)
     key = next(k for k, v in opt.state[ps[1]].items() if isinstance(v, torch.Tensor) and v.shape == ps[1].shape)
     opt.state[ps[1]][key] = opt.state[ps[1]][key].double()
     before = [p.detach().clone() for p in ps]
