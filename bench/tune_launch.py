@@ -40,8 +40,8 @@ FAMILIES = ("lamb", "lars", "ema", "cosine", "restore")  # priority order: the l
 def multi_tensor_candidates(tiny: bool) -> list[dict]:
     """BLOCK x num_warps with 4 to 64 elements per thread (a 128-bit access holds 4 fp32)."""
     if tiny:
-        return [{"BLOCK": 4096, "num_warps": 4}, {"BLOCK": 8192, "num_warps": 8}]
-    out = [dict(launch.DEFAULTS["lars"])]
+        return [dict(launch.DEFAULTS["lars"]), {"BLOCK": 8192, "num_warps": 8}]
+    out = [dict(launch.DEFAULTS["lars"]), dict(launch.PREVIOUS["lars"])]
     for block in (1024, 2048, 4096, 8192, 16384):
         for warps in (4, 8, 16):
             per_thread = block // (32 * warps)
@@ -54,9 +54,9 @@ def multi_tensor_candidates(tiny: bool) -> list[dict]:
 def cosine_candidates(tiny: bool) -> list[dict]:
     if tiny:
         return [dict(launch.DEFAULTS["cosine"]), {"TILE": 8192, "num_warps": 8, "num_warps_wide": 8}]
-    out = [dict(launch.DEFAULTS["cosine"])]
-    for tile in (2048, 4096, 8192, 16384):
-        for warps, wide in ((4, 4), (4, 8), (8, 8), (8, 16)):
+    out = [dict(launch.DEFAULTS["cosine"]), dict(launch.PREVIOUS["cosine"])]
+    for tile in (512, 1024, 2048, 4096):
+        for warps, wide in ((4, 8), (8, 8), (8, 16), (4, 16)):
             c = {"TILE": tile, "num_warps": warps, "num_warps_wide": wide}
             if c not in out:
                 out.append(c)

@@ -245,12 +245,14 @@ def _sample_noise_kernel(out_ptr, seed_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D
 
 # ============================================================================ launchers
 def _launch_cfg(R: int, D: int, device: torch.device):
-    """Grid and meta-parameters from the launch table (``launch.settings("cosine", device)``).
+    """Grid and meta-parameters from the launch table (``launch.settings("cosine", device)``)."""
+    return tile_meta(R, D, launch.settings("cosine", device))
 
-    A program holds a tile of ``TILE`` elements: ``TILE // BLOCK_D`` rows when a row is shorter
-    than the tile, one row (looping over chunks of 2048) otherwise.
-    """
-    cfg = launch.settings("cosine", device)
+
+def tile_meta(R: int, D: int, cfg: dict):
+    """(grid, meta) for ``cfg`` = {TILE, num_warps, num_warps_wide}: a program holds ``TILE``
+    elements, ``TILE // BLOCK_D`` rows when a row is shorter than the tile, else one row (looping
+    over chunks of 2048); ``num_warps_wide`` applies at d >= 2048."""
     block_d = min(max(next_pow2(max(D, 1)), 4), _MAX_BLOCK)  # >= 4: the noise comes in groups of 4 columns
     block_r = max(1, min(cfg["TILE"] // block_d, next_pow2(max(R, 1))))
     meta = dict(BLOCK_R=block_r, BLOCK_D=block_d, NUM_CHUNKS=triton.cdiv(max(D, 1), block_d),

@@ -50,7 +50,7 @@ def test_measured_entry_overrides_defaults_per_capability(tmp_path, monkeypatch)
     path.write_text(json.dumps(table))
     monkeypatch.setenv("VSSL_LAUNCH_TABLE", str(path))
     monkeypatch.setattr(launch, "_tables", {})
-    assert launch.for_capability("lars", "sm_90") == {"BLOCK": 8192, "num_warps": 4}
+    assert launch.for_capability("lars", "sm_90") == {"BLOCK": 8192, "num_warps": launch.DEFAULTS["lars"]["num_warps"]}
     assert launch.for_capability("lars", "sm_80") == {"BLOCK": 2048, "num_warps": 8}
     assert launch.for_capability("cosine", "sm_90") == {**launch.DEFAULTS["cosine"], "num_warps_wide": 16}
     assert launch.for_capability("ema", "sm_90") == launch.DEFAULTS["ema"]  # not measured: default
