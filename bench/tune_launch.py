@@ -104,9 +104,9 @@ def workloads(family: str, device, tiny: bool) -> dict:
 
 def measure(fn, setup) -> tuple[float, str]:
     ms, how = gpu_time_ms(fn, setup=setup)
-    if ms is None:  # no CUDA: the plumbing only
+    if ms is None:  # no CUDA (the plumbing only), or a call that cannot be captured: the reason is kept
         ms, _, _ = time_ms(fn, setup=setup, warmup=1, rep=3)
-        how = "host-inclusive (no CUDA)"
+        how = f"host-inclusive ({how})"
     return ms, how
 
 
@@ -140,8 +140,11 @@ def tune_family(family: str, device, tiny: bool, deadline: float, sink: RowSink)
     if not results:
         return {}
     best = min(results, key=lambda r: r["score"])
+    graph = all(h == "graph replay" for h in base_how.values())
     return {"best": best["settings"], "score_vs_default": best["score"] / len(loads),
-            "complete": len(results) == len(cands), "candidates": results}
+            "complete": len(results) == len(cands), "graph_timed": graph,
+            "note": "" if graph or device.type != "cuda" else f"the default was not timed from a CUDA graph: {base_how}",
+            "candidates": results}
 
 
 def write_entry(path: Path, cap: str, family: str, res: dict, env: dict, argv: list[str]) -> None:
@@ -192,7 +195,8 @@ def main(argv=None):
         write_entry(Path(args.table), cap, fam, res, env, argv)
         summary[fam] = res
         print(f"{fam}: {res['best']} ({res['score_vs_default']:.3f} x the default's time; "
-              f"{len(res['candidates'])} candidates{'' if res['complete'] else ', cut by the budget'})")
+              f"{len(res['candidates'])} candidates{'' if res['complete'] else ', cut by the budget'})"
+              + (f"; NOTE {res['note']}" if res["note"] else ""))
     return summary
 
 

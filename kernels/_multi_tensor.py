@@ -11,8 +11,9 @@ reading those and the launches, and anything that changed is validated again. Gr
 change whenever ``zero_grad(set_to_none=True)`` frees them, so their table is rebuilt (and their
 layouts re-checked) when a gradient's address or strides changed, sent with a pinned,
 non-blocking copy (a pageable host-to-device copy would synchronize the stream). A rebuilt plan
-frees the previous one's tables and scratch: a CUDA graph captured before a rebuild must be
-captured again (``TrainStep`` captures after the first step and never rebuilds).
+frees the previous one's tables and scratch unless a CUDA graph captured it (``note_capture``
+keeps those alive); a graph captured before a rebuild still sweeps the old tensors, so it must be
+captured again (``TrainStep`` captures after its warm-up steps and never rebuilds).
 
 Vector width: a block that lies wholly inside its tensor ("full") is swept without a mask, and
 when every pointer of the plan is 16-byte aligned (checked on the host) the kernels promise it to
@@ -186,19 +187,32 @@ def pair_plan(family: str, a: list[torch.Tensor], b: list[torch.Tensor], device,
         if len(_PAIR_PLANS) >= 16:
             _PAIR_PLANS.clear()
         _PAIR_PLANS[key] = plan
+    note_capture(plan, device)
     return plan
 
 
 def params_key(family: str, device, groups: list, extra=()) -> tuple:
-    """An optimizer plan's key: block size, every parameter's ``signature`` and whether it has a gradient."""
-    return (block_size(family, device), tuple((signature(p), p.grad is None) for g in groups for p in g["params"]),
-            extra)
+    """An optimizer plan's key: block size, and per parameter its identity (the plan holds it, so
+    the id cannot be reused while the plan lives), ``signature`` and whether it has a gradient."""
+    return (block_size(family, device),
+            tuple((id(p), signature(p), p.grad is None) for g in groups for p in g["params"]), extra)
 
 
 def state_current(state, plan: dict) -> bool:
-    """True while every state tensor the plan points to is still the optimizer's (a state reset by
-    hand, ``state.clear()`` or a replaced buffer makes the plan stale)."""
-    return all(state[p].get(k) is t for p, k, t in plan["state"])
+    """True while every state tensor the plan points to is still the optimizer's, with the memory,
+    strides, shape and dtype the plan saw (a state reset by hand, ``state.clear()``, a replaced
+    buffer or one given new memory through ``.data``/``set_`` makes the plan stale)."""
+    return all((t := state.get(p, {}).get(k)) is t0 and signature(t) == sig for p, k, t0, sig in plan["state"])
+
+
+_CAPTURED: list = []  # plans a CUDA graph captured: never freed while the process lives
+
+
+def note_capture(plan, device) -> None:
+    """Keep ``plan`` (its tables and scratch) alive for good when it is used inside a CUDA-graph
+    capture: the graph replays its pointers, so evicting it from a cache must not free them."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing() and not any(p is plan for p in _CAPTURED):
+        _CAPTURED.append(plan)
 
 
 def check_state(who: str, index: int, p: torch.Tensor, name: str, t: torch.Tensor) -> None:

@@ -252,7 +252,7 @@ def _launch_cfg(R: int, D: int, device: torch.device):
 def tile_meta(R: int, D: int, cfg: dict):
     """(grid, meta) for ``cfg`` = {TILE, num_warps, num_warps_wide}: a program holds ``TILE``
     elements, ``TILE // BLOCK_D`` rows when a row is shorter than the tile, else one row (looping
-    over chunks of 2048); ``num_warps_wide`` applies at d >= 2048."""
+    over chunks of 2048); ``num_warps_wide`` applies to rows of 2048-element chunks (d > 1024)."""
     block_d = min(max(next_pow2(max(D, 1)), 4), _MAX_BLOCK)  # >= 4: the noise comes in groups of 4 columns
     block_r = max(1, min(cfg["TILE"] // block_d, next_pow2(max(R, 1))))
     meta = dict(BLOCK_R=block_r, BLOCK_D=block_d, NUM_CHUNKS=triton.cdiv(max(D, 1), block_d),

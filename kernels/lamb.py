@@ -47,12 +47,14 @@ from ._multi_tensor import (
     check_state,
     device_int_tensor,
     match_layout_,
+    note_capture,
     num_warps,
     params_key,
     per_tensor_sumsq,
     ptr_list,
     reduce_partials,
     refresh_grads,
+    signature,
     skip_flag,
     state_current,
     sumsq_buffers,
@@ -367,7 +369,8 @@ class FusedLAMB(DeviceLR, _LAMBBase):
                         match_layout_(st, name, p)
             ms = [self.state[p]["exp_avg"] for p in ps]
             vs = [self.state[p]["exp_avg_sq"] for p in ps]
-            plan["state"] += [(p, "exp_avg", m) for p, m in zip(ps, ms)] + [(p, "exp_avg_sq", v) for p, v in zip(ps, vs)]
+            plan["state"] += ([(p, "exp_avg", m, signature(m)) for p, m in zip(ps, ms)]
+                              + [(p, "exp_avg_sq", v, signature(v)) for p, v in zip(ps, vs)])
             bm = BlockMap(ps, device, block)
             offs, acc = [], 0
             for n in bm.sizes_list:
@@ -401,6 +404,7 @@ class FusedLAMB(DeviceLR, _LAMBBase):
             return self._fallback(skip, loss)
         require_triton("FusedLAMB.step", device)
         plan = self._plan(device)
+        note_capture(plan, device)
         refresh_grads("FusedLAMB", plan, self.param_groups, device)
         flag, _ = skip_flag(skip, device)
         warps = num_warps("lamb", device)

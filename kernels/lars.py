@@ -36,11 +36,13 @@ from ._multi_tensor import (
     check_state,
     device_int_tensor,
     match_layout_,
+    note_capture,
     num_warps,
     params_key,
     per_tensor_sumsq,
     ptr_list,
     refresh_grads,
+    signature,
     skip_flag,
     state_current,
     sumsq_buffers,
@@ -199,7 +201,7 @@ class FusedLARS(DeviceLR, _LARSBase):
                 else:
                     match_layout_(st, "momentum_buffer", p)
             bufs = [self.state[p]["momentum_buffer"] for p in ps]
-            plan["state"] += [(p, "momentum_buffer", b) for p, b in zip(ps, bufs)]
+            plan["state"] += [(p, "momentum_buffer", b, signature(b)) for p, b in zip(ps, bufs)]
             excl = [int(p.ndim == 1 and groups[gi]["exclude_bias_n_norm"]) for p in ps]
             pp, bp = ptr_list(ps), ptr_list(bufs)
             bm = BlockMap(ps, device, block)
@@ -222,6 +224,7 @@ class FusedLARS(DeviceLR, _LARSBase):
             LARSReference.step(self, skip=skip)
             return loss
         plan = self._plan(device)
+        note_capture(plan, device)
         refresh_grads("FusedLARS", plan, self.param_groups, device)
         flag, _ = skip_flag(skip, device)
         warps = num_warps("lars", device)

@@ -180,5 +180,5 @@ def override(**families):
     _overrides.append(families)
     try:
         yield
-    finally:
-        _overrides.remove(families)
+    finally:  # this entry, by identity: an equal one of an outer override must stay
+        del _overrides[next(i for i in range(len(_overrides) - 1, -1, -1) if _overrides[i] is families)]

@@ -43,7 +43,8 @@ def _restore_fwd_kernel(d_ptrs, s_ptrs, blk_tensor, blk_start, sizes, flag_ptr, 
 def _flag(flag, device) -> torch.Tensor:
     if not isinstance(flag, torch.Tensor) or flag.numel() != 1:
         raise ValueError("restore_where_: flag must be a one-element tensor on the tensors' device (nonzero = restore)")
-    return flag.reshape(1).to(device=device, dtype=torch.int32)
+    f = flag.reshape(1).to(device=device)
+    return f if f.dtype == torch.int32 else (f != 0).to(torch.int32)  # any nonzero restores (0.5 included)
 
 
 def _check(dst, src):

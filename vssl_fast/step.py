@@ -64,7 +64,9 @@ class TrainStep:
         self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
         self.tau = torch.tensor(optim_cfg.tau_base, device=device)
         self.noise_seed = torch.zeros(1, dtype=torch.int64, device=device)
-        self.seed_base = (seed * 1_000_003 + rank) * (1 << 32)
+        # the high 31 bits of the noise seed: (seed, rank) reduced mod 2^31 so any train.seed fits in int64
+        # (unchanged for seed < 2147, the values every earlier run used)
+        self.seed_base = ((seed * 1_000_003 + rank) % (1 << 31)) * (1 << 32)
         # BatchNorm statistics (student, teacher, heads): the forward of a step that turns out to be
         # skipped has already moved them, so they are snapshot before it and restored on a skip
         self.bn_stats = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)

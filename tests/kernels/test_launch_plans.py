@@ -347,3 +347,81 @@ def test_nested_overrides_merge_and_bad_values_are_refused():
     with pytest.raises(ValueError, match="power of two"):
         with launch.override(lars={"BLOCK": 3000}):
             pass
+
+
+# ------------------------------------------------------------------------------------ second review (c79f15c..1873b8c)
+@pytest.mark.parametrize("name", list(OPTS))
+def test_state_given_new_memory_in_place_is_used(name, kernel_device):
+    """The same state object pointed at new memory (``.data = ...``): the plan must follow it."""
+    fused_cls, ref_cls, kw = OPTS[name]
+    pf = _params(kernel_device)
+    pr = [p.detach().clone().requires_grad_() for p in pf]
+    of, orf = fused_cls(pf, **kw), ref_cls(pr, **kw)
+    keep = []
+    for step in range(3):
+        if step == 1:
+            for o in (of, orf):
+                for p in o.state:
+                    for v in o.state[p].values():
+                        if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                            keep.append(v.data)  # the old memory stays alive: a stale pointer would still "work"
+                            v.data = torch.full_like(v, 0.01)
+        _set_grads(pf, 40 + step)
+        _set_grads(pr, 40 + step)
+        of.step()
+        orf.step()
+    assert_params_close(pf, pr, 1e-5, 1e-6, name)
+    assert_params_close(state_tensors(of), state_tensors(orf), 1e-5, 1e-6, name + " state")
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_parameter_replaced_by_another_on_the_same_memory(name, kernel_device):
+    """A group's parameter swapped for a new Parameter over the same storage: a new plan, and state
+    for the new parameter (the old plan would update the old one's state)."""
+    fused_cls, ref_cls, kw = OPTS[name]
+    pf = _params(kernel_device)
+    pr = [p.detach().clone().requires_grad_() for p in pf]
+    of, orf = fused_cls([{"params": pf}], **kw), ref_cls([{"params": pr}], **kw)
+    for step in range(3):
+        if step == 1:
+            pf[1] = torch.nn.Parameter(pf[1].data)
+            pr[1] = torch.nn.Parameter(pr[1].data)
+            of.param_groups[0]["params"][1], orf.param_groups[0]["params"][1] = pf[1], pr[1]
+        _set_grads(pf, 50 + step)
+        _set_grads(pr, 50 + step)
+        of.step()
+        orf.step()
+    assert pf[1] in of.state
+    assert_params_close(pf, pr, 1e-5, 1e-6, name)
+
+
+def test_override_exit_removes_its_own_entry_only():
+    cpu = torch.device("cpu")
+    with launch.override(lars={"BLOCK": 32}):
+        with launch.override(lars={"BLOCK": 64}):
+            with launch.override(lars={"BLOCK": 32}):
+                pass
+            assert launch.settings("lars", cpu)["BLOCK"] == 64
+        assert launch.settings("lars", cpu)["BLOCK"] == 32
+
+
+def test_restore_flag_any_nonzero_value_restores(kernel_device):
+    d, s = [torch.zeros(5, device=kernel_device)], [torch.ones(5, device=kernel_device)]
+    restore_where_(d, s, torch.tensor(0.5, device=kernel_device), impl="triton")
+    assert torch.equal(d[0], s[0])
+
+
+def test_plans_used_in_a_cuda_graph_capture_are_kept_alive(monkeypatch):
+    """GPU-only branch, its logic on the CPU: a plan used while a capture is in progress is pinned
+    (the graph replays its pointer tables), once; outside a capture nothing is pinned."""
+    monkeypatch.setattr(mt, "_CAPTURED", [])
+    plan = {"lists": []}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    mt.note_capture(plan, torch.device("cuda"))
+    assert mt._CAPTURED == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    mt.note_capture(plan, torch.device("cpu"))
+    assert mt._CAPTURED == []
+    mt.note_capture(plan, torch.device("cuda"))
+    mt.note_capture(plan, torch.device("cuda"))
+    assert len(mt._CAPTURED) == 1 and mt._CAPTURED[0] is plan

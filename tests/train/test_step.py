@@ -68,3 +68,26 @@ def test_trainer_stops_after_consecutive_nonfinite_steps(cifar_tiny_tar, tmp_pat
     assert r.returncode != 0
     assert "3 consecutive steps had a non-finite loss or gradient" in r.stderr
     assert "skipped 3" in r.stdout
+
+
+@pytest.mark.parametrize("seed, rank", [(0, 0), (2147, 1), (2148, 0), (10**9, 7), (-3, 0)])
+def test_noise_seed_fits_int64_for_any_train_seed(seed, rank, kernel_device):
+    """The per-step noise seed is (seed, rank) in the high bits, the step count in the low ones; a
+    train.seed of 2148 or more used to overflow int64 on the first step. Seeds below 2147 keep the
+    value every earlier run used."""
+    cfg = MethodConfig(proj_output_dim=4, impl="reference")
+    model = tiny_model(cfg).to(kernel_device)
+    opt = FusedLARS(model.parameter_groups(0.1, 1e-5, 0.1), lr=0.1, weight_decay=1e-5)
+    seen = []
+
+    def forward(x1, x2, y, mcfg, s):
+        seen.append(int(s))
+        return model(x1, x2, y, mcfg, s)
+
+    step = TrainStep(model, forward, opt, cfg, OptimConfig(), kernel_device, seed=seed, rank=rank)
+    x = torch.rand(4, 3, 8, 8).to(kernel_device)
+    step(x, x, torch.zeros(4, dtype=torch.long, device=kernel_device))
+    step(x, x, torch.zeros(4, dtype=torch.long, device=kernel_device))
+    assert 0 <= seen[0] < 2**63 and seen[1] == seen[0] + 1
+    if 0 <= seed < 2147:
+        assert seen[0] == (seed * 1_000_003 + rank) * 2**32 + 1
