@@ -222,6 +222,49 @@ def check_state(who: str, index: int, p: torch.Tensor, name: str, t: torch.Tenso
                            f"{t.dtype} of shape {tuple(t.shape)}; the fused kernels need the parameter's dtype and shape")
 
 
+def grouped_params(who: str, groups: list, state, state_keys: tuple) -> list:
+    """The parameters with a gradient as (group index, dtype, parameters), one launch list each,
+    after every check a fused optimizer makes before anything is written, each naming the
+    parameter: a sparse gradient, a dtype the kernels do not take, a gradient of another layout,
+    existing state (``state_keys``) of another dtype or shape."""
+    lists, index = [], -1
+    for gi, group in enumerate(groups):
+        by_dtype: dict = {}
+        for p in group["params"]:
+            index += 1
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{who} does not support sparse gradients (parameter {index})")
+            if p.dtype not in TL_DTYPES:
+                raise RuntimeError(f"{who} supports float32, float16 and bfloat16 parameters, got {p.dtype} "
+                                   f"(parameter {index})")
+            check_span_layout(who, index, p, {"gradient": p.grad})
+            st = state.get(p, {})
+            for name in state_keys:
+                if name in st:
+                    check_state(who, index, p, name, st[name])
+            by_dtype.setdefault(p.dtype, []).append(p)
+        lists += [(gi, dt, ps) for dt, ps in by_dtype.items()]
+    return lists
+
+
+def ensure_state(state, ps: list, keys: tuple, plan: dict) -> list:
+    """Each key's state tensors for ``ps`` (created as zeros in the parameter's layout, or re-laid
+    once into it), recorded in ``plan["state"]`` for ``state_current``; one list per key."""
+    out = []
+    for name in keys:
+        ts = []
+        for p in ps:
+            st = state[p]
+            if name not in st:
+                st[name] = torch.zeros_like(p)  # preserve_format: the parameter's layout
+            ts.append(match_layout_(st, name, p))
+        plan["state"] += [(p, name, t, signature(t)) for p, t in zip(ps, ts)]
+        out.append(ts)
+    return out
+
+
 def grad_signature(groups: list) -> tuple:
     """(address, strides) of every gradient, None where there is none (shape and dtype are
     enforced by autograd on assignment)."""
@@ -344,11 +387,11 @@ def _reduce_partials_kernel(part, first_blk, out_a, out_b, NB, MAX_BLOCKS: tl.co
 def sumsq_buffers(tab: dict, bm: BlockMap, device) -> None:
     """Persistent scratch for the per-tensor norms: partials [2 x blocks] and sums [2 x tensors].
 
-    Reused every step (stream order makes that safe, and a CUDA graph needs fixed addresses)."""
-    if "part" not in tab:
-        tab["part"] = torch.empty(2 * bm.num_blocks, device=device, dtype=torch.float32)
-        tab["sq"] = sq = torch.empty(2, bm.num_tensors, device=device, dtype=torch.float32)
-        tab["sq0"], tab["sq1"] = sq[0], sq[1]  # views made once: indexing is a dispatched op per call
+    Allocated with the plan and reused every step (stream order makes that safe, and a CUDA graph
+    needs fixed addresses)."""
+    tab["part"] = torch.empty(2 * bm.num_blocks, device=device, dtype=torch.float32)
+    sq = torch.empty(2, bm.num_tensors, device=device, dtype=torch.float32)
+    tab["sq0"], tab["sq1"] = sq[0], sq[1]  # views made once: indexing is a dispatched op per call
 
 
 def per_tensor_sumsq(tab: dict, bm: BlockMap, a_ptrs, b_ptrs, dtype_a, dtype_b, device, is_aligned: bool,
@@ -356,8 +399,7 @@ def per_tensor_sumsq(tab: dict, bm: BlockMap, a_ptrs, b_ptrs, dtype_a, dtype_b, 
     """(sum a^2, sum b^2) per tensor, fp32 [T] each, in two launches (sweep, then both reductions).
 
     ``out_a``: where the first sums go (a slice of a larger buffer), by default the table's own."""
-    sumsq_buffers(tab, bm, device)
-    part = tab["part"]
+    part = tab["part"]  # allocated with the plan (sumsq_buffers)
     out_a = tab["sq0"] if out_a is None else out_a
     _sumsq_partials_kernel[(bm.num_blocks,)](a_ptrs, b_ptrs, bm.blk_tensor, bm.blk_start, bm.sizes, part,
                                              bm.num_blocks, DTYPE_A=TL_DTYPES[dtype_a], DTYPE_B=TL_DTYPES[dtype_b],
@@ -414,7 +456,11 @@ def skip_flag(skip, device) -> tuple[torch.Tensor, bool]:
         return flag, False
     if not isinstance(skip, torch.Tensor) or skip.numel() != 1:
         raise ValueError("skip must be None or a one-element tensor on the parameters' device (nonzero = skip)")
-    flag = skip.reshape(1).to(device=device)
-    if flag.dtype != torch.int32:  # any nonzero value skips, as in the references (0.5 included)
-        flag = (flag != 0).to(torch.int32)
-    return flag, True
+    return int_flag(skip, device), True
+
+
+def int_flag(t: torch.Tensor, device) -> torch.Tensor:
+    """A one-element tensor as the int32 [1] device flag the kernels read: any nonzero value is set
+    (0.5 included, as in the references); an int32 flag is used as it is, with no op."""
+    flag = t.reshape(1).to(device=device)
+    return flag if flag.dtype == torch.int32 else (flag != 0).to(torch.int32)

@@ -43,10 +43,9 @@ from ._multi_tensor import (
     _st,
     _tensor_ptr,
     aligned,
-    check_span_layout,
-    check_state,
     device_int_tensor,
-    match_layout_,
+    ensure_state,
+    grouped_params,
     note_capture,
     num_warps,
     params_key,
@@ -54,7 +53,6 @@ from ._multi_tensor import (
     ptr_list,
     reduce_partials,
     refresh_grads,
-    signature,
     skip_flag,
     state_current,
     sumsq_buffers,
@@ -338,39 +336,12 @@ class FusedLAMB(DeviceLR, _LAMBBase):
         plan = self._plans.get(key)
         if plan is not None and state_current(self.state, plan):
             return plan
-        lists, index = [], 0
-        for gi, group in enumerate(groups):
-            by_dtype: dict = {}
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"FusedLAMB does not support sparse gradients (parameter {index - 1})")
-                if p.dtype not in TL_DTYPES:
-                    raise RuntimeError(f"FusedLAMB supports float32, float16 and bfloat16 parameters, got {p.dtype} "
-                                       f"(parameter {index - 1})")
-                check_span_layout("FusedLAMB", index - 1, p, {"gradient": p.grad})
-                for name, t in self.state.get(p, {}).items():
-                    if name in ("exp_avg", "exp_avg_sq"):
-                        check_state("FusedLAMB", index - 1, p, name, t)
-                by_dtype.setdefault(p.dtype, []).append(p)
-            lists += [(gi, dt, ps) for dt, ps in by_dtype.items()]
+        lists = grouped_params("FusedLAMB", groups, self.state, ("exp_avg", "exp_avg_sq"))
         block, plan, total = key[0], {"lists": [], "gkey": None, "state": []}, sum(len(ps) for _, _, ps in lists)
         plan["gsq"] = torch.empty(max(total, 1), dtype=torch.float32, device=device)
         t_off = 0
         for k, (gi, dt, ps) in enumerate(lists):
-            for p in ps:
-                st = self.state[p]
-                for name in ("exp_avg", "exp_avg_sq"):
-                    if name not in st:  # preserve_format: moments in the parameter's layout
-                        st[name] = torch.zeros_like(p)
-                    else:
-                        match_layout_(st, name, p)
-            ms = [self.state[p]["exp_avg"] for p in ps]
-            vs = [self.state[p]["exp_avg_sq"] for p in ps]
-            plan["state"] += ([(p, "exp_avg", m, signature(m)) for p, m in zip(ps, ms)]
-                              + [(p, "exp_avg_sq", v, signature(v)) for p, v in zip(ps, vs)])
+            ms, vs = ensure_state(self.state, ps, ("exp_avg", "exp_avg_sq"), plan)
             bm = BlockMap(ps, device, block)
             offs, acc = [], 0
             for n in bm.sizes_list:

@@ -32,17 +32,15 @@ from ._multi_tensor import (
     _st,
     _tensor_ptr,
     aligned,
-    check_span_layout,
-    check_state,
     device_int_tensor,
-    match_layout_,
+    ensure_state,
+    grouped_params,
     note_capture,
     num_warps,
     params_key,
     per_tensor_sumsq,
     ptr_list,
     refresh_grads,
-    signature,
     skip_flag,
     state_current,
     sumsq_buffers,
@@ -174,34 +172,11 @@ class FusedLARS(DeviceLR, _LARSBase):
         plan = self._plans.get(key)
         if plan is not None and state_current(self.state, plan):
             return plan
-        lists, index = [], 0
-        for gi, group in enumerate(groups):
-            by_dtype: dict = {}
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"FusedLARS does not support sparse gradients (parameter {index - 1})")
-                if p.dtype not in TL_DTYPES:
-                    raise RuntimeError(f"FusedLARS supports float32, float16 and bfloat16 parameters, got {p.dtype} "
-                                       f"(parameter {index - 1})")
-                check_span_layout("FusedLARS", index - 1, p, {"gradient": p.grad})
-                if "momentum_buffer" in self.state.get(p, {}):
-                    check_state("FusedLARS", index - 1, p, "momentum_buffer", self.state[p]["momentum_buffer"])
-                by_dtype.setdefault(p.dtype, []).append(p)
-            lists += [(gi, dt, ps) for dt, ps in by_dtype.items()]
+        lists = grouped_params("FusedLARS", groups, self.state, ("momentum_buffer",))
         block = key[0]
         plan = {"lists": [], "gkey": None, "state": []}
         for gi, dt, ps in lists:
-            for p in ps:
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p)  # preserve_format: the parameter's layout
-                else:
-                    match_layout_(st, "momentum_buffer", p)
-            bufs = [self.state[p]["momentum_buffer"] for p in ps]
-            plan["state"] += [(p, "momentum_buffer", b, signature(b)) for p, b in zip(ps, bufs)]
+            (bufs,) = ensure_state(self.state, ps, ("momentum_buffer",), plan)
             excl = [int(p.ndim == 1 and groups[gi]["exclude_bias_n_norm"]) for p in ps]
             pp, bp = ptr_list(ps), ptr_list(bufs)
             bm = BlockMap(ps, device, block)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import triton_available
-from ._multi_tensor import TL_DTYPES, _block_coords, _tensor_ptr, check_span_layout, num_warps, pair_plan
+from ._multi_tensor import TL_DTYPES, _block_coords, _tensor_ptr, check_span_layout, int_flag, num_warps, pair_plan
 
 __all__ = ["restore_where_", "restore_where_reference_"]
 
@@ -43,8 +43,7 @@ def _restore_fwd_kernel(d_ptrs, s_ptrs, blk_tensor, blk_start, sizes, flag_ptr, 
 def _flag(flag, device) -> torch.Tensor:
     if not isinstance(flag, torch.Tensor) or flag.numel() != 1:
         raise ValueError("restore_where_: flag must be a one-element tensor on the tensors' device (nonzero = restore)")
-    f = flag.reshape(1).to(device=device)
-    return f if f.dtype == torch.int32 else (f != 0).to(torch.int32)  # any nonzero restores (0.5 included)
+    return int_flag(flag, device)
 
 
 def _check(dst, src):
