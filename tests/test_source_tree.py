@@ -28,3 +28,20 @@ def test_kernels_import_from_a_source_checkout_without_install(tmp_path):
     assert out.returncode == 0, out.stderr
     files = out.stdout.split()
     assert files == [str(ROOT / "kernels" / "__init__.py"), str(ROOT / "kernels" / "lars.py")]
+
+
+
+def test_a_second_checkout_uses_its_own_kernels(tmp_path):
+    """Beside an editable install of this checkout, another checkout (a git worktree; here a copy)
+    imports its own kernels, not the installed checkout's (the editable finder maps
+    vssl_fast.kernels by path)."""
+    import shutil
+
+    other = tmp_path / "other"
+    for d in ("vssl_fast", "kernels"):
+        shutil.copytree(ROOT / d, other / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", other / "pyproject.toml")
+    code = "import vssl_fast, vssl_fast.kernels as K; print(vssl_fast.__file__); print(K.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=other, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(other / "vssl_fast" / "__init__.py"), str(other / "kernels" / "__init__.py")]
