@@ -70,7 +70,8 @@ def _time_loader(make, steps, batch):
 def run(tiny: bool, jpeg_dir: Path, device, emit=None) -> list[dict]:
     """Every path's img/s; the CPU DataLoader baseline is measured before the paths compared with
     it, so each row goes to ``emit`` complete as soon as it is measured."""
-    from vssl_fast.data.folder import NvjpegTwoViewLoader, TorchvisionTwoViewLoader, dali_available
+    from vssl_fast.data.folder import dali_available
+    from vssl_fast.data.folder_torchvision import NvjpegTwoViewLoader, TorchvisionTwoViewLoader
     from vssl_fast.data.loader import DeviceTwoViewLoader
 
     rows = []
@@ -102,7 +103,7 @@ def run(tiny: bool, jpeg_dir: Path, device, emit=None) -> list[dict]:
         note=f"{cores} workers, PIL; {nj} JPEGs of {sz:.0f} KB made in {time.perf_counter() - t0:.0f} s")
     ok, why = dali_available()
     if ok:
-        from vssl_fast.data.folder import DaliTwoViewLoader
+        from vssl_fast.data.folder_dali import DaliTwoViewLoader
 
         workers = min(4, cores) if device.type == "cuda" else 0  # the trainer's default reader processes
         mk = lambda: DaliTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, False, torch.float32,  # noqa: E731

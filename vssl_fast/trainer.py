@@ -38,7 +38,7 @@ import torch.distributed as dist
 from vssl_fast import checkpoint as ckpt
 from vssl_fast import faults, rundir
 from vssl_fast.config import Config, device_formats
-from vssl_fast.data import build_data
+from vssl_fast.data import build_data, reading_data
 from vssl_fast.distributed import cleanup, init_distributed
 from vssl_fast.evaluate import EVAL_NETWORK, extract_features, feature_amp_dtype, knn_eval, online_eval
 from vssl_fast.models import SSLModel
@@ -94,7 +94,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         random.seed(cfg.train.seed)
-        with faults.reading_data(cfg.data):  # not found / unreadable: one line naming data.path
+        with reading_data(cfg.data):  # not found / unreadable: one line naming data.path
             self.data = build_data(cfg, self.device, self.dist.rank, self.dist.world)
         self.log.info("data: %s", self.data.describe)
         model = SSLModel(**cfg.method.model_kwargs(), backbone=cfg.model.backbone, cifar_stem=cfg.model.cifar_stem,
