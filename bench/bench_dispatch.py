@@ -202,7 +202,7 @@ def _bool_index(args) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (idx or ()))
 
 
-def _tiny_step(device, channels_last=True, graph: str = "off"):
+def _tiny_step(device, channels_last=True, graph: str = "off", ddp: bool = False):
     """The fast step in the GPU configuration (bf16 autocast and images), tiny batch."""
     from vssl_fast.kernels._common import interpret_mode
 
@@ -221,11 +221,20 @@ def _tiny_step(device, channels_last=True, graph: str = "off"):
     torch.manual_seed(0)
     # ResNet-18's layer structure at width 8 would still be 60 convolutions: the op count per layer
     # is what matters, so the real ResNet-18 (CIFAR stem) is used with the real heads, at 16 px.
-    model = SSLModel(**cfg.method.model_kwargs(), backbone="resnet18", cifar_stem=True, num_classes=10).to(device)
+    model = SSLModel(**cfg.method.model_kwargs(), backbone="resnet18", cifar_stem=True, num_classes=10)
+    if ddp:  # the recipe's multi-process model: SyncBatchNorm everywhere, DDP without buffer broadcasts
+        from vssl_fast.syncbn import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
+    model = model.to(device)
     if cl:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg, 1)
-    step = TrainStep(model, model, opt, cfg.method, cfg.optim, device, amp, graph=graph)
+    fwd = model
+    if ddp:
+        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        broadcast_buffers=False)
+    step = TrainStep(model, fwd, opt, cfg.method, cfg.optim, device, amp, graph=graph, distributed=ddp)
     g = torch.Generator().manual_seed(0)
     fmt = (lambda t: t.contiguous(memory_format=torch.channels_last)) if cl else (lambda t: t)
     xs = [fmt(torch.randn(8, 3, 16, 16, generator=g).to(device, img_dtype)) for _ in range(2)]
@@ -233,10 +242,13 @@ def _tiny_step(device, channels_last=True, graph: str = "off"):
     return step, (xs[0], xs[1], y)
 
 
-def count_step(device, channels_last=True, timed=False, graph: str = "off") -> dict:
+def count_step(device, channels_last=True, timed=False, graph: str = "off", ddp: bool = False) -> dict:
     """One step after a warm one. ``graph='static'`` is the graph-ready step: what a CUDA graph
-    captures (each launch a node of the graph), with gradients kept and zeroed in place."""
-    step, batch = _tiny_step(device, channels_last, graph)
+    captures (each launch a node of the graph), with gradients kept and zeroed in place. ``ddp``: the
+    step of one rank of a running process group (torchrun), SyncBatchNorm and DDP as the trainer has
+    them (DDP's gradient all-reduces run from its C++ reducer and are counted only where they pass
+    the dispatcher)."""
+    step, batch = _tiny_step(device, channels_last, graph, ddp)
     step.schedule(10, 100)
     with OpCounter().counting(dispatch=False):
         step(*batch)  # first step: optimizer state, pointer tables
@@ -329,9 +341,13 @@ def main(argv=None):
     ap.add_argument("--time", action="store_true", help="also the host ms per step (slow on a CPU: bf16 convolutions)")
     ap.add_argument("--optim", action="store_true", help="only the optimizer/EMA/restore calls over the ImageNet-100 "
                     "parameter set (on a CPU: set TRITON_INTERPRET=1)")
+    ap.add_argument("--ddp", action="store_true", help="one step of each rank under torchrun (gloo on CPUs, NCCL on "
+                    "GPUs), eager and graph-ready; rank 0 prints")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if a.ddp:
+        return _main_ddp(a.json)
     if a.optim:
         res = count_optimizers(device)
         if not res:
@@ -348,6 +364,26 @@ def main(argv=None):
             ms = f"{v['host_ms']:.1f} host ms" if v["host_ms"] is not None else "host ms not timed"
             print(f"{k}: {v['aten_ops']:g} ATen ops, {v['triton_launches']:g} Triton launches, {ms}; "
                   f"most frequent: {v['top_ops']}")
+    return res
+
+
+def _main_ddp(as_json: bool) -> dict:
+    import torch.distributed as dist
+
+    from vssl_fast.distributed import cleanup, init_distributed
+
+    info = init_distributed(600)
+    if not info.enabled:
+        raise SystemExit("bench_dispatch --ddp: run it under torchrun with at least 2 processes")
+    try:
+        res = {g: count_step(info.device, graph=g, ddp=True) for g in ("off", "static")}
+    finally:
+        cleanup()
+    if info.is_main:
+        keys = ("aten_ops", "leaf_ops", "cuda_launches", "triton_launches", "syncs")
+        print(json.dumps(res) if as_json else "\n".join(f"DDP step, graph={g}: " + ", ".join(f"{k} {v[k]}" for k in keys)
+                                                        for g, v in res.items()))
+    del dist
     return res
 
 

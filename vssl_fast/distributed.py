@@ -24,6 +24,7 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     vote_group: object = None
+    async_error_handling: str | None = None  # TORCH_NCCL_ASYNC_ERROR_HANDLING as the NCCL group was made with
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +47,16 @@ class DistInfo:
             dist.barrier(group=self.vote_group)
 
 
-def init_distributed(timeout_s: int, force_cpu: bool = False) -> DistInfo:
+ASYNC_ERRORS = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+
+
+def init_distributed(timeout_s: int, force_cpu: bool = False, capture: bool = False) -> DistInfo:
+    """The process group of this process (NCCL on GPUs, gloo on CPUs, with an explicit timeout).
+
+    ``capture``: the training step is to be captured as a CUDA graph under DDP, which torch's CUDA
+    graph notes allow only with NCCL's asynchronous error handling off, set before the group is
+    made: ``TORCH_NCCL_ASYNC_ERROR_HANDLING=0`` when it is unset (a value the user set is kept and
+    reported, and the trainer then leaves the step uncaptured)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -58,6 +68,9 @@ def init_distributed(timeout_s: int, force_cpu: bool = False) -> DistInfo:
         device = torch.device("cpu")
     info = DistInfo(rank, world, local, device)
     if world > 1:
+        if use_cuda and capture:
+            os.environ.setdefault(ASYNC_ERRORS, "0")
+        info.async_error_handling = os.environ.get(ASYNC_ERRORS) if use_cuda else None
         timeout = datetime.timedelta(seconds=timeout_s)
         backend = "nccl" if use_cuda else "gloo"
         kwargs = {"device_id": device} if use_cuda else {}

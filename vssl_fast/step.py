@@ -20,7 +20,7 @@ what a CUDA device would launch, so such a fallback fails tests/train/test_dispa
 Graph modes (``train.graph``): 'off' runs the step eagerly; 'static' makes it graph-ready (static
 input buffers the batch is copied into, gradients kept in place and zeroed by one
 ``_foreach_zero_`` per dtype, so every pointer table is built once), which is the CPU twin; 'on'
-(CUDA) runs 'static' for ``GRAPH_WARMUP`` eager steps on one side stream, captures one step as a
+(CUDA) runs 'static' for ``GRAPH_WARMUP`` eager steps (11 under DDP) on one side stream, captures one step as a
 CUDA graph on that same stream and replays it: one launch per step instead of ~1,400. The capture
 (``CudaGraphs``) uses the thread-local capture mode, so CUDA calls of other threads (DALI, nvJPEG
 workers) cannot invalidate it, and runs under ``torch.compiler.set_stance("fail_on_recompile")``,
@@ -210,7 +210,7 @@ class TrainStep:
 
     def __init__(self, model, forward, opt, method_cfg, optim_cfg, device, amp_dtype=None, scaler=None,
                  distributed: bool = False, seed: int = 0, rank: int = 0, ema_impl: str = "auto", graph: str = "off",
-                 graphs=None):
+                 graphs=None, warmup: int | None = None):
         if graph not in ("off", "static", "on"):
             raise ValueError(f"TrainStep: graph must be 'off', 'static' or 'on', got {graph!r}")
         # the schedule on the device: a fused optimizer whose kernels run here reads its LR from memory
@@ -226,6 +226,7 @@ class TrainStep:
         if self.device_schedule:
             opt.lr_on_device = True
         self.graph_mode = graph
+        self.graph_warmup = self.GRAPH_WARMUP if warmup is None else warmup  # eager steps before the capture
         self._graphs = graphs  # CudaGraphs (made at the first graph step) or a test's CPU twin
         self._static = None  # (x1, x2, y) buffers the loader's batch is copied into
         self._captured = None  # (outputs, plans kept alive) once captured
@@ -331,7 +332,7 @@ class TrainStep:
         """Warm up on the side stream, capture once on the same stream, then replay."""
         if self._graphs is None:
             self._graphs = CudaGraphs(self.device)
-        if self._captured is None and self._warm < self.GRAPH_WARMUP:
+        if self._captured is None and self._warm < self.graph_warmup:
             self._warm += 1
             return self._graphs.warmup(lambda: self._device_step(*self._static))
         if self._captured is None:
@@ -349,7 +350,7 @@ class TrainStep:
                 if not str(e).startswith(_RECOMPILE):
                     raise
                 raise CaptureError("train.graph=on: torch.compile would recompile inside the CUDA-graph capture, "
-                                   f"after {self.GRAPH_WARMUP} warm-up steps; guard failed: {recompile_guards(str(e))}. "
+                                   f"after {self.graph_warmup} warm-up steps; guard failed: {recompile_guards(str(e))}. "
                                    "Use train.compile=none with train.graph=on, or train.graph=off") from None
         return parts, plans
 

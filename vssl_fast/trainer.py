@@ -25,6 +25,7 @@ continued with ``--resume`` (``vssl_fast.rundir``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -44,7 +45,7 @@ from vssl_fast.evaluate import EVAL_NETWORK, extract_features, feature_amp_dtype
 from vssl_fast.models import SSLModel
 from vssl_fast.monitor import Monitor, setup_logging
 from vssl_fast.optim import build_optimizer
-from vssl_fast.step import TrainStep
+from vssl_fast.step import CudaGraphs, TrainStep
 from vssl_fast.syncbn import convert_sync_batchnorm, use_sync_batchnorm
 
 __all__ = ["Trainer", "NonFiniteError", "EXIT_PREEMPTED", "resolve_compile_mode"]
@@ -53,22 +54,38 @@ EXIT_PREEMPTED = faults.Preempted.exit_code
 NonFiniteError = faults.NonFiniteError
 
 
-def resolve_graph_mode(mode: str, device: torch.device, distributed: bool, scaler, opt) -> tuple[str, str]:
-    """train.graph -> (TrainStep graph mode, why). 'auto' stays uncaptured until the captured step
-    has been measured on a card (bench_step --graph-modes off,on; bench/RESULTS.md)."""
+DDP_GRAPH_WARMUP = 11  # DDP-enabled eager steps before a capture (torch's CUDA-graph notes: at least 11)
+NCCL_FOR_CAPTURE = (2, 9, 6)  # the first NCCL whose collectives a full-step capture may contain (torch's notes)
+
+
+def resolve_graph_mode(mode: str, device: torch.device, dist_info, scaler, opt) -> tuple[str, str]:
+    """train.graph -> (TrainStep graph mode, why, for the log). 'auto' stays uncaptured until the
+    captured step has been measured on a card (bench_step --graph-modes off,on; bench/RESULTS.md).
+    Under DDP on CUDA every condition of torch's recipe is checked here and named in the reason."""
     if mode == "off":
         return "off", "train.graph=off"
     if mode == "auto":
         return "off", "train.graph=auto: uncaptured until the captured step is measured on a card (bench/RESULTS.md)"
-    if distributed:
-        return "off", "train.graph=on: not captured under DDP (its all-reduce hooks are not capture-safe here)"
     if scaler is not None:
         return "off", "train.graph=on: not captured with fp16 (GradScaler reads its scale on the host)"
     if not hasattr(opt, "lr_on_device"):
         return "off", f"train.graph=on: not captured with {type(opt).__name__} (needs a fused optimizer)"
     if device.type != "cuda":
-        return "static", "train.graph=on on a CPU: the graph-ready step without capture"
-    return "on", "train.graph=on: one CUDA graph per step"
+        return "static", ("train.graph=on on a CPU: the graph-ready step without capture"
+                          + (f" (DDP over {dist_info.world} processes)" if dist_info.enabled else ""))
+    if not dist_info.enabled:
+        return "on", "train.graph=on: one CUDA graph per step"
+    nccl = tuple(torch.cuda.nccl.version())
+    if nccl < NCCL_FOR_CAPTURE:
+        return "off", (f"train.graph=on: not captured under DDP: NCCL {'.'.join(map(str, nccl))} is older than "
+                       f"{'.'.join(map(str, NCCL_FOR_CAPTURE))}, the first whose collectives a graph may capture")
+    if dist_info.async_error_handling not in ("0",):
+        return "off", ("train.graph=on: not captured under DDP: TORCH_NCCL_ASYNC_ERROR_HANDLING="
+                       f"{dist_info.async_error_handling} (a capture needs 0; it is set so only when unset at start)")
+    return "on", (f"train.graph=on: one CUDA graph per step under DDP over {dist_info.world} ranks (NCCL "
+                  f"{'.'.join(map(str, nccl))}; TORCH_NCCL_ASYNC_ERROR_HANDLING=0, so NCCL's watchdog does not tear "
+                  f"down a rank whose peer is lost: torchrun stops the others, see the README; DDP built on the capture "
+                  f"stream; {DDP_GRAPH_WARMUP} DDP warm-up steps before the capture)")
 
 
 def resolve_compile_mode(mode: str, device: torch.device, crop_size: int) -> str:
@@ -81,7 +98,7 @@ def resolve_compile_mode(mode: str, device: torch.device, crop_size: int) -> str
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.dist = init_distributed(cfg.dist.timeout_s)
+        self.dist = init_distributed(cfg.dist.timeout_s, capture=cfg.train.graph == "on")
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
         self.log = setup_logging(self.dist.rank)  # train.log opens once the start is accepted (fit)
@@ -108,28 +125,32 @@ class Trainer:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.ddp = model
-        if self.dist.enabled:
-            # SyncBatchNorm keeps every BatchNorm buffer equal across ranks (global statistics, same
-            # updates), so DDP's broadcast of all buffers before each forward would move equal values
-            self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.dist.local_rank] if cuda else None,
-                                                                 broadcast_buffers=not sync_bn)
-        self.forward = self.ddp
-        mode = resolve_compile_mode(cfg.train.compile, self.device, cfg.data.crop_size)
-        if mode != "none":
-            self.forward = torch.compile(self.ddp, mode=mode)
-        self.compile_mode = mode
         self.opt = build_optimizer(model, cfg, self.dist.world)
-
         self.steps_per_epoch = len(self.data.train)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-        graph, why = resolve_graph_mode(cfg.train.graph, self.device, self.dist.enabled, self.scaler, self.opt)
+        graph, why = resolve_graph_mode(cfg.train.graph, self.device, self.dist, self.scaler, self.opt)
         self.log.info("step: %s", why)
+        # a captured step: the side stream of the capture exists first, and DDP is built on it (torch's
+        # CUDA-graph notes: DDP constructed in a side-stream context; the same stream as the capture's)
+        graphs = CudaGraphs(self.device) if graph == "on" else None
+        self.ddp = model
+        if self.dist.enabled:
+            # SyncBatchNorm keeps every BatchNorm buffer equal across ranks (global statistics, same
+            # updates), so DDP's broadcast of all buffers before each forward would move equal values
+            with torch.cuda.stream(graphs.stream) if graphs else contextlib.nullcontext():
+                self.ddp = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[self.dist.local_rank] if cuda else None, broadcast_buffers=not sync_bn)
+        self.forward = self.ddp
+        mode = resolve_compile_mode(cfg.train.compile, self.device, cfg.data.crop_size)
+        if mode != "none":
+            self.forward = torch.compile(self.ddp, mode=mode)
+        self.compile_mode = mode
         self.stepper = TrainStep(model, self.forward, self.opt, cfg.method, cfg.optim, self.device, self.amp_dtype,
-                                 self.scaler, self.dist.enabled, cfg.train.seed, self.dist.rank, graph=graph)
+                                 self.scaler, self.dist.enabled, cfg.train.seed, self.dist.rank, graph=graph,
+                                 graphs=graphs, warmup=DDP_GRAPH_WARMUP if self.dist.enabled else None)
         self.history: list[dict] = []
         self.monitor = Monitor(self.run_dir, self.dist.is_main, cfg.log.tensorboard, cfg.log.progress)
         self._saved_step = None  # the step of the newest checkpoint this process wrote

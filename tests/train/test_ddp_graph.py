@@ -1,0 +1,95 @@
+"""The DDP step under torchrun (issue 25), on the CPU with gloo: the graph-ready 'static' step (what a
+CUDA graph captures under DDP on GPUs) equals the eager DDP step bit for bit, a skip and a crash with
+resume included; DDP's buffer broadcast, redundant under SyncBatchNorm, is off and changes nothing;
+the graph-mode conditions of torch's CUDA-graph recipe are checked and named."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers_train import REPO, env, tiny_args
+
+from vssl_fast import trainer
+from vssl_fast.distributed import DistInfo
+
+WORKER = REPO / "tests" / "train" / "ddp_trainer_worker.py"
+
+
+def _run(tmp_path, name, graph, bad="3", crash=0, resume=False, force_broadcast=False, tar=None):
+    args = tiny_args(tar, tmp_path / name, tmp_path / "cache", steps=6, train__batch_size=4, data__train_subset=24,
+                     data__val_subset=8, eval__knn_train_subset=8, eval__knn_k=4, eval__knn_t=0.1,
+                     ckpt__every_steps=1000, log__every_steps=1000, train__graph=graph, log__plots="false")
+    if resume:
+        args.append("--resume=auto")
+    out = tmp_path / f"{name}.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out),
+           bad, str(crash)] + (["--force-broadcast"] if force_broadcast else []) + ["--"] + args
+    r = subprocess.run(cmd, cwd=REPO, env=env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=900)
+    return r, (torch.load(out, weights_only=True) if out.exists() else None)
+
+
+def _same(a, b, what):
+    diff = [k for k in a["state"] if not torch.equal(a["state"][k], b["state"][k])]
+    assert not diff, f"{what}: {diff[:4]}"
+    assert all(torch.equal(x, y) for x, y in zip(a["info"]["opt"], b["info"]["opt"])), f"{what}: optimizer state"
+
+
+def test_static_ddp_step_equals_the_eager_one_with_a_skip_and_a_resume(cifar_tiny_tar, tmp_path):
+    # 24 images, 2 ranks x 4: 3 steps per epoch; step 3 (an epoch's last, before its checkpoint) is skipped
+    r, eager = _run(tmp_path, "eager", "off", tar=cifar_tiny_tar)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert eager["info"]["graph"] == "off" and eager["info"]["skipped"] == 1
+    assert eager["info"]["broadcast_buffers"] is False and eager["info"]["buffers_equal"]
+    r, static = _run(tmp_path, "static", "on", tar=cifar_tiny_tar)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert static["info"]["graph"] == "static" and "DDP over 2 processes" in r.stdout
+    _same(eager, static, "graph-ready DDP step vs eager")
+    r, _ = _run(tmp_path, "resumed", "on", crash=5, tar=cifar_tiny_tar)
+    assert r.returncode != 0
+    r, resumed = _run(tmp_path, "resumed", "on", resume=True, tar=cifar_tiny_tar)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    _same(static, resumed, "crashed at step 5 and resumed from the epoch-end checkpoint at step 3")
+    r, broadcast = _run(tmp_path, "broadcast", "off", force_broadcast=True, tar=cifar_tiny_tar)
+    assert r.returncode == 0 and broadcast["info"]["broadcast_buffers"] is True
+    _same(eager, broadcast, "DDP's buffer broadcast on (its default) vs off")
+
+
+@pytest.mark.parametrize("nccl, handling, want", [((2, 21, 5), "0", "on"), ((2, 9, 5), "0", "off"),
+                                                  ((2, 21, 5), "3", "off"), ((2, 21, 5), None, "off")])
+def test_graph_under_ddp_checks_torchs_conditions(nccl, handling, want, monkeypatch):
+    from vssl_fast.kernels import FusedLARS
+
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: nccl)
+    info = DistInfo(rank=0, world=8, device=torch.device("cuda", 0), async_error_handling=handling)
+    opt = FusedLARS([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    mode, why = trainer.resolve_graph_mode("on", torch.device("cuda", 0), info, None, opt)
+    assert mode == want, why
+    if want == "on":
+        assert "NCCL 2.21.5" in why and "TORCH_NCCL_ASYNC_ERROR_HANDLING=0" in why and "11 DDP warm-up" in why
+    elif nccl < (2, 9, 6):
+        assert "older than 2.9.6" in why
+    else:
+        assert f"TORCH_NCCL_ASYNC_ERROR_HANDLING={handling}" in why
+
+
+@pytest.mark.parametrize("preset", [None, "3"])
+def test_capture_under_ddp_turns_nccl_async_error_handling_off_unless_set(preset, monkeypatch):
+    """init_distributed(capture=True) on CUDA ranks sets TORCH_NCCL_ASYNC_ERROR_HANDLING=0 before the
+    process group is made, and keeps (and reports) a value the user set."""
+    import vssl_fast.distributed as d
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if preset is None:
+        monkeypatch.delenv(d.ASYNC_ERRORS, raising=False)
+    else:
+        monkeypatch.setenv(d.ASYNC_ERRORS, preset)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(d.dist, "init_process_group", lambda **kw: seen.update(kw, env=os.environ.get(d.ASYNC_ERRORS)))
+    monkeypatch.setattr(d.dist, "new_group", lambda **kw: "vote")
+    info = d.init_distributed(60, capture=True)
+    assert seen["backend"] == "nccl" and seen["env"] == (preset or "0")
+    assert info.async_error_handling == (preset or "0")
