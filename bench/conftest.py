@@ -12,7 +12,8 @@ are skipped elsewhere with the reason. Each case: its warm-ups apart (``Reps.war
 many rounds as both minimums of its ``Reps`` need (planned from the fastest warm-up, 2x margin), one call
 per round; ``extra_info`` carries the case's figures (bytes, GB/s, % of peak, ratios to the
 baseline measured earlier in the same run), the samples, warm-ups and the p20/p80 spread.
-``VSSL_BENCH_REPS=tiny`` runs every case at 1 warm-up + 3 rounds (the plumbing test).
+``VSSL_BENCH_REPS=tiny`` runs every case at 1 warm-up + 3 rounds (the plumbing test);
+``VSSL_BENCH_SMOKE=1`` without CUDA runs the GPU cases too, at tiny sizes (their plumbing only).
 
 The default ``python -m pytest`` (testpaths = tests) collects nothing here and needs no plugin.
 """
@@ -31,8 +32,11 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 from bench.timing import KERNEL, TINY, L2Flush, Reps, Timing, kernel_clock, wall_clock, warm  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-GPU_ONLY = pytest.mark.skipif(not CUDA, reason="a GPU case: timed with CUDA events on a card; on a CPU its figures "
-                                               "would measure the interpreter or the CPU's arithmetic, not the product")
+# VSSL_BENCH_SMOKE=1 on a machine without CUDA: the GPU cases too, at tiny sizes and 1 + 3 repetitions, to
+# test their plumbing (the kernels under the interpreter); their figures mean nothing
+SMOKE = os.environ.get("VSSL_BENCH_SMOKE") == "1" and not CUDA
+GPU_ONLY = pytest.mark.skipif(not CUDA and not SMOKE, reason="a GPU case: timed with CUDA events on a card; on a CPU "
+                              "its figures would measure the interpreter or the CPU's arithmetic, not the product")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,7 +47,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def reps_for(default: Reps) -> Reps:
-    return TINY if os.environ.get("VSSL_BENCH_REPS") == "tiny" else default
+    return TINY if (SMOKE or os.environ.get("VSSL_BENCH_REPS") == "tiny") else default
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import torch
 
 from bench.bench_data import Batches, make_jpegs
 from bench.common import bench_device
-from bench.conftest import CUDA, GPU_ONLY
+from bench.conftest import CUDA, GPU_ONLY, SMOKE
 from bench.timing import LOADER
 
 JPEGS = Path(os.environ.get("VSSL_BENCH_JPEGS", "/tmp/vssl_bench_jpegs"))
@@ -60,18 +60,20 @@ def test_jpeg_folder_loader(benchmark, measure, same_run, path):
     from vssl_fast.data import folder
     from vssl_fast.data.augment import view_specs
 
-    train = make_jpegs(JPEGS, 4096)
+    n, bs, crop = (32, 8, 64) if SMOKE else (4096, 256, 224)
+    train = make_jpegs(JPEGS, n)
     device, cores = bench_device(), os.cpu_count() or 1
-    specs = view_specs("imagenet", "asymmetric", 224)
+    specs = view_specs("imagenet", "asymmetric", crop)
     if path == "torchvision_cpu_baseline":
-        ld = folder.TorchvisionTwoViewLoader(train, specs, 256, 0, 0, 1, device, cores, False, torch.float32)
+        ld = folder.TorchvisionTwoViewLoader(train, specs, bs, 0, 0, 1, device, cores, False, torch.float32)
     elif path == "dali":
         ok, why = folder.dali_available()
         if not ok:
             pytest.skip(f"DALI: {why}")
-        ld = folder.DaliTwoViewLoader(train, specs, 256, 0, 0, 1, device, False, torch.float32, workers=min(4, cores))
+        workers = min(4, cores) if CUDA else 0  # as bench_data: DALI's reader processes on a card
+        ld = folder.DaliTwoViewLoader(train, specs, bs, 0, 0, 1, device, False, torch.float32, workers=workers)
     else:
-        ld = folder.NvjpegTwoViewLoader(train, specs, 256, 0, 0, 1, device, min(cores, 8), False, torch.float32)
+        ld = folder.NvjpegTwoViewLoader(train, specs, bs, 0, 0, 1, device, min(cores, 8), False, torch.float32)
     t, _ = _time(benchmark, measure, ld, "jpeg folder loader per batch", path=path)
     if t is None:
         return

@@ -16,7 +16,7 @@ import torch
 
 from bench.bench_dispatch import OpCounter
 from bench.common import bench_device, first_call_s, model_param_set, peak_bandwidth_gbps
-from bench.conftest import GPU_ONLY
+from bench.conftest import GPU_ONLY, SMOKE
 from bench.timing import KERNEL
 
 
@@ -62,7 +62,7 @@ def test_host_work_per_call(benchmark, measure, call):
 def _ema_cases():
     from bench.bench_ema import providers
 
-    return providers(False, bench_device())
+    return providers(SMOKE, bench_device())
 
 
 @GPU_ONLY
@@ -90,7 +90,7 @@ def test_optimizer_step(benchmark, measure, same_run, op, provider):
     from bench.bench_lars import providers as lars_providers
     from bench.bench_optim_common import figures, fresh, param_state
 
-    groups, restore, params, n = _cached(op, lambda: param_state(False, bench_device()))
+    groups, restore, params, n = _cached(op, lambda: param_state(SMOKE, bench_device()))
     restore()
     step = (lamb_providers() if op == "lamb" else lars_providers())[provider](fresh(groups))
     if step is None:

@@ -15,8 +15,8 @@ machine without CUDA the host-inclusive time, which only tests the plumbing):
 A candidate's score is the sum over its workloads of its median time relative to the default's;
 the default is always measured (first) and a candidate replaces it only when it is faster beyond
 the spread on every workload (its p80 below the default's p20). Each timing: 5 warm-ups, at least
-20 repetitions and 0.5 s (``bench.timing.KERNEL``); every candidate's median, p20, p80 and sample
-count are kept in the table's provenance. Rows go to ``--out`` as each candidate
+20 repetitions and 0.2 s (``TUNE``); every candidate's median, p20, p80 and sample count are kept
+in the table's provenance. Rows go to ``--out`` as each candidate
 ends, so a cut run keeps what it measured; the table is updated after each family with the best
 setting so far, every timing, and provenance (card, capability, torch/triton versions, date,
 command, whether every candidate ran). Kernels read it at their next table build
@@ -35,10 +35,13 @@ import torch
 from vssl_fast.kernels import launch
 
 from bench.common import RowSink, bench_device, env_info, gpu_time_ms, kernel_time, model_param_set
-from bench.timing import KERNEL, TINY, Reps, Timing
+from bench.timing import TINY, Reps, Timing
 from vssl_fast import kernels as K
 
 FAMILIES = ("lamb", "lars", "ema", "cosine", "restore")  # priority order: the largest gaps first
+# per candidate and workload: graph replays of 10-500 us, so 0.2 s is hundreds to thousands of samples; the
+# tuner's time goes to compiling each candidate
+TUNE = Reps(warmup=5, min_reps=20, min_time_s=0.2)
 
 
 def multi_tensor_candidates(tiny: bool) -> list[dict]:
@@ -106,7 +109,7 @@ def workloads(family: str, device, tiny: bool) -> dict:
     return {f"{family} step": (lambda: opt.step(skip=flag), None)}
 
 
-def measure(fn, setup, reps: Reps = KERNEL) -> tuple[Timing, str]:
+def measure(fn, setup, reps: Reps = TUNE) -> tuple[Timing, str]:
     t, how = gpu_time_ms(fn, setup=setup, reps=reps)
     if t is None:  # no CUDA (the plumbing only), or a call that cannot be captured: the reason is kept
         t = kernel_time(fn, reps, setup=setup)
@@ -121,7 +124,7 @@ def _beats(cand: dict, base: dict) -> bool:
 
 
 def tune_family(family: str, device, tiny: bool, deadline: float, sink: RowSink, reps: Reps | None = None) -> dict:
-    reps = reps or (TINY if tiny else KERNEL)
+    reps = reps or (TINY if tiny else TUNE)
     cands = cosine_candidates(tiny) if family == "cosine" else multi_tensor_candidates(tiny)
     loads = workloads(family, device, tiny)
     base: dict = {}
