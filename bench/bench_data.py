@@ -129,7 +129,8 @@ def run(tiny: bool, jpeg_dir: Path, device, emit=None, reps: Reps | None = None)
     it, so each row goes to ``emit`` complete as soon as it is measured. Each path: 8 warm-up
     batches, then at least 40 batches and 3 s (``bench.timing.LOADER``), its loader closed (workers
     joined) before the next path is built."""
-    from vssl_fast.data.folder import NvjpegTwoViewLoader, TorchvisionTwoViewLoader, dali_available
+    from vssl_fast.data.folder import dali_available
+    from vssl_fast.data.folder_torchvision import NvjpegTwoViewLoader, TorchvisionTwoViewLoader
     from vssl_fast.data.loader import DeviceTwoViewLoader
 
     rows = []
@@ -165,7 +166,7 @@ def run(tiny: bool, jpeg_dir: Path, device, emit=None, reps: Reps | None = None)
         note=f"{cores} workers, PIL; {nj} JPEGs of {sz:.0f} KB (made or found in {made_s:.0f} s)")
     ok, why = dali_available()
     if ok:
-        from vssl_fast.data.folder import DaliTwoViewLoader
+        from vssl_fast.data.folder_dali import DaliTwoViewLoader
 
         workers = min(4, cores) if device.type == "cuda" else 0  # the trainer's default reader processes
         mk = lambda: DaliTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, False, torch.float32,  # noqa: E731

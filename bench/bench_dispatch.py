@@ -33,17 +33,142 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+# ops that launch nothing on a CUDA device: views (outputs alias an input) and bare allocations
+_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view",
+              "_reshape_alias", "lift_fresh", "set_", "resize_", "_has_compatible_shallow_copy_type"}
+# ops that make the host wait for the device (a sync per call)
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "nonzero_static", "masked_select", "is_nonzero", "equal",
+                 "allclose", "unique", "_unique2", "unique_consecutive", "repeat_interleave", "bincount"}
+# ATen's CUDA multi_tensor_apply: tensors per launch by the number of lists (depth), blocks per launch,
+# elements per block (aten/src/ATen/native/cuda/MultiTensorApply.cuh)
+_MTA_MAX_TENSORS = (110, 64, 48, 36, 30)
+_MTA_MAX_BLOCKS, _MTA_CHUNK = 320, 65536
+# foreach ops whose fast path accepts a destination list of another dtype than the source
+_FOREACH_MIXED_DST = {"_foreach_copy_"}
+# foreach ops that promote integer inputs to float (their CUDA fast path refuses integer tensors)
+_FOREACH_INT_PROMOTE = {"_foreach_div", "_foreach_div_", "_foreach_sqrt", "_foreach_sqrt_", "_foreach_exp", "_foreach_exp_",
+                        "_foreach_log", "_foreach_log_", "_foreach_norm", "_foreach_lerp", "_foreach_lerp_",
+                        "_foreach_addcdiv", "_foreach_addcdiv_", "_foreach_reciprocal", "_foreach_reciprocal_"}
+
+
+def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """Every element once, no gaps: the strides, sorted, are the running products of the sizes."""
+    expect = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def _is_view(func) -> bool:
+    rets = func._schema.returns
+    return bool(rets) and all(r.alias_info is not None and not r.alias_info.is_write for r in rets)
+
+
+def _mta_launches(tensors: list, depth: int) -> int:
+    """Kernels ATen's CUDA multi_tensor_apply launches for one list of ``tensors`` at ``depth`` lists:
+    a launch whenever the tensors or the blocks of the launch being filled reach their limit."""
+    max_t = _MTA_MAX_TENSORS[min(depth, len(_MTA_MAX_TENSORS)) - 1]
+    launches = n_t = n_b = 0
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        n_t += 1
+        chunks = -(-t.numel() // _MTA_CHUNK)
+        for c in range(chunks):
+            n_b += 1
+            tensors_full = n_t == max_t and c == chunks - 1
+            if n_b == _MTA_MAX_BLOCKS or tensors_full:
+                launches += 1
+                n_b = 0
+                if tensors_full:
+                    n_t = 0
+                elif c < chunks - 1:
+                    n_t = 1  # the tensor continues in the next launch
+    return launches + (1 if n_b else 0)
+
+
+def foreach_route(name: str, lists: list[list], scalars=()) -> tuple[bool, str]:
+    """Would ATen's CUDA ``_foreach_*`` take its fast path (one multi_tensor_apply) for these lists?
+    (aten/src/ATen/native/ForeachUtils.h, check_fast_path_restrictions): one device for all tensors,
+    one dtype (a copy's destination may differ from its source, which must be uniform), the same sizes
+    and strides across lists, dense non-overlapping tensors, no integer tensors for ops that promote
+    them to float, no float scalar on integer tensors. Returns (fast, why not)."""
+    first = [t for lst in lists for t in lst]
+    if not first:
+        return True, ""
+    devices = {t.device for t in first}
+    if len(devices) > 1:
+        return False, f"devices {sorted(map(str, devices))}"
+    check = lists[1:] if name in _FOREACH_MIXED_DST else lists
+    for k, lst in enumerate(check):
+        dts = {t.dtype for t in lst}
+        if len(dts) > 1:
+            return False, f"list {k + (1 if name in _FOREACH_MIXED_DST else 0)} mixes {sorted(map(str, dts))}"
+    if name not in _FOREACH_MIXED_DST and len({t.dtype for t in first}) > 1:
+        return False, f"lists of different dtypes {sorted({str(t.dtype) for t in first})}"
+    for lst in lists[1:]:
+        for a, b in zip(lists[0], lst):
+            if a.shape != b.shape or a.stride() != b.stride():
+                return False, f"sizes/strides differ across lists ({tuple(a.shape)}{a.stride()} vs {tuple(b.shape)}{b.stride()})"
+    for t in first:
+        if not is_non_overlapping_and_dense(t):
+            return False, f"a tensor of shape {tuple(t.shape)} strides {t.stride()} is not dense"
+    if not lists[0][0].is_floating_point():
+        if name.rstrip("_") + "_" in _FOREACH_INT_PROMOTE or name in _FOREACH_INT_PROMOTE:
+            return False, f"{name} promotes the integer tensors to float"
+        if any(isinstance(v, float) for v in scalars):
+            return False, "a float scalar on integer tensors"
+    return True, ""
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts ATen ops by name (and Triton launches, patched in while active)."""
+    """Counts ATen ops by name (and Triton launches, patched in while active), and models what a CUDA
+    device would launch for each (``cuda_launches``): views and bare allocations launch nothing, a
+    ``_foreach_*`` op launches multi_tensor_apply's kernels on its fast path and one kernel per
+    tensor on its per-tensor fallback (``foreach_route``; the CPU always takes the fallback, so the
+    route is decided from the lists as ATen's CUDA code decides it). Every foreach call is recorded
+    with its lists' dtypes and devices (``foreach``), and host syncs are counted (``syncs``)."""
 
     def __init__(self):
         super().__init__()
         self.ops: Counter = Counter()
         self.triton = 0
+        self.cuda_launches = 0
+        self.syncs: Counter = Counter()
+        self.foreach: list[dict] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket.__name__)
+        self.ops[name] += 1
+        if name.startswith("_foreach_"):
+            lists = [a for a in list(args) + list(kwargs.values())
+                     if isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) for t in a)]
+            scalars = [a for a in list(args) + list(kwargs.values()) if isinstance(a, (int, float)) and not isinstance(a, bool)]
+            fast, why = foreach_route(name, lists, scalars)
+            n = len(lists[0]) if lists else 0
+            depth = len(lists) + (0 if func._schema.is_mutable or name == "_foreach_norm" else 1)
+            launches = (_mta_launches(lists[0], depth) + (1 if name == "_foreach_norm" else 0)) if fast else n
+            self.cuda_launches += launches
+            self.foreach.append({"op": name, "tensors": n, "fast": fast, "why": why, "launches": launches,
+                                 "lists": [sorted({f"{t.dtype}@{t.device.type}" for t in lst}) for lst in lists]})
+        elif name in HOST_SYNC_OPS or (name == "index" and _bool_index(args)):
+            self.syncs[name if name != "index" else "index (boolean mask)"] += 1
+        elif not (name in _NO_LAUNCH or _is_view(func)):
+            self.cuda_launches += 1
+        return func(*args, **kwargs)
+
+    @property
+    def leaf_ops(self) -> int:
+        """ATen ops as a CUDA device would run them: a foreach call on its per-tensor fallback
+        counts one op per tensor (it is a loop of per-tensor kernels there)."""
+        return sum(self.ops.values()) + sum(f["tensors"] - 1 for f in self.foreach if not f["fast"])
+
+    def mixed_foreach(self) -> list[dict]:
+        """Foreach calls whose lists do not each hold one dtype on one device."""
+        return [f for f in self.foreach if any(len(lst) > 1 for lst in f["lists"])]
 
     @contextlib.contextmanager
     def counting(self, dispatch=True):
@@ -72,7 +197,12 @@ class OpCounter(TorchDispatchMode):
                 setattr(cls, name, fn)
 
 
-def _tiny_step(device, channels_last=True):
+def _bool_index(args) -> bool:
+    idx = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (idx or ()))
+
+
+def _tiny_step(device, channels_last=True, graph: str = "off"):
     """The fast step in the GPU configuration (bf16 autocast and images), tiny batch."""
     from vssl_fast.kernels._common import interpret_mode
 
@@ -95,7 +225,7 @@ def _tiny_step(device, channels_last=True):
     if cl:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg, 1)
-    step = TrainStep(model, model, opt, cfg.method, cfg.optim, device, amp)
+    step = TrainStep(model, model, opt, cfg.method, cfg.optim, device, amp, graph=graph)
     g = torch.Generator().manual_seed(0)
     fmt = (lambda t: t.contiguous(memory_format=torch.channels_last)) if cl else (lambda t: t)
     xs = [fmt(torch.randn(8, 3, 16, 16, generator=g).to(device, img_dtype)) for _ in range(2)]
@@ -103,11 +233,13 @@ def _tiny_step(device, channels_last=True):
     return step, (xs[0], xs[1], y)
 
 
-def count_step(device, channels_last=True, timed=False) -> dict:
-    step, batch = _tiny_step(device, channels_last)
+def count_step(device, channels_last=True, timed=False, graph: str = "off") -> dict:
+    """One step after a warm one. ``graph='static'`` is the graph-ready step: what a CUDA graph
+    captures (each launch a node of the graph), with gradients kept and zeroed in place."""
+    step, batch = _tiny_step(device, channels_last, graph)
+    step.schedule(10, 100)
     with OpCounter().counting(dispatch=False):
         step(*batch)  # first step: optimizer state, pointer tables
-    step.schedule(10, 100)
     c = OpCounter()
     with c.counting():
         step(*batch)
@@ -117,9 +249,13 @@ def count_step(device, channels_last=True, timed=False) -> dict:
             t0 = time.perf_counter()
             step(*batch)
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"aten_ops": sum(c.ops.values()), "triton_launches": c.triton,
+    return {"aten_ops": sum(c.ops.values()), "leaf_ops": c.leaf_ops, "triton_launches": c.triton,
+            "cuda_launches": c.cuda_launches + c.triton, "graph": graph,
             "host_ms": statistics.median(times) if times else None, "channels_last": channels_last,
-            "top_ops": dict(c.ops.most_common(12)), "optimizer": type(step.opt).__name__}
+            "top_ops": dict(c.ops.most_common(12)), "optimizer": type(step.opt).__name__,
+            "foreach": [{k: f[k] for k in ("op", "tensors", "fast", "launches", "lists")} for f in c.foreach],
+            "mixed_foreach": c.mixed_foreach(), "slow_foreach": [f for f in c.foreach if not f["fast"]],
+            "syncs": dict(c.syncs)}
 
 
 def count_loader(device, chunk: int = 16) -> dict:

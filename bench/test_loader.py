@@ -57,7 +57,7 @@ def test_cifar_device_loader(benchmark, measure):
 @GPU_ONLY
 @pytest.mark.parametrize("path", ["torchvision_cpu_baseline", "dali", "torchvision_nvjpeg"])
 def test_jpeg_folder_loader(benchmark, measure, same_run, path):
-    from vssl_fast.data import folder
+    from vssl_fast.data import folder, folder_dali, folder_torchvision
     from vssl_fast.data.augment import view_specs
 
     n, bs, crop = (32, 8, 64) if SMOKE else (4096, 256, 224)
@@ -65,15 +65,15 @@ def test_jpeg_folder_loader(benchmark, measure, same_run, path):
     device, cores = bench_device(), os.cpu_count() or 1
     specs = view_specs("imagenet", "asymmetric", crop)
     if path == "torchvision_cpu_baseline":
-        ld = folder.TorchvisionTwoViewLoader(train, specs, bs, 0, 0, 1, device, cores, False, torch.float32)
+        ld = folder_torchvision.TorchvisionTwoViewLoader(train, specs, bs, 0, 0, 1, device, cores, False, torch.float32)
     elif path == "dali":
         ok, why = folder.dali_available()
         if not ok:
             pytest.skip(f"DALI: {why}")
         workers = min(4, cores) if CUDA else 0  # as bench_data: DALI's reader processes on a card
-        ld = folder.DaliTwoViewLoader(train, specs, bs, 0, 0, 1, device, False, torch.float32, workers=workers)
+        ld = folder_dali.DaliTwoViewLoader(train, specs, bs, 0, 0, 1, device, False, torch.float32, workers=workers)
     else:
-        ld = folder.NvjpegTwoViewLoader(train, specs, bs, 0, 0, 1, device, min(cores, 8), False, torch.float32)
+        ld = folder_torchvision.NvjpegTwoViewLoader(train, specs, bs, 0, 0, 1, device, min(cores, 8), False, torch.float32)
     t, _ = _time(benchmark, measure, ld, "jpeg folder loader per batch", path=path)
     if t is None:
         return

@@ -33,6 +33,8 @@ uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -205,14 +207,37 @@ def state_current(state, plan: dict) -> bool:
     return all((t := state.get(p, {}).get(k)) is t0 and signature(t) == sig for p, k, t0, sig in plan["state"])
 
 
-_CAPTURED: list = []  # plans a CUDA graph captured: never freed while the process lives
+_KEEPERS: list = []  # the keep-alive lists of the captures in progress (keep_captured_plans), innermost last
+_CAPTURED: list = []  # plans captured outside keep_captured_plans(): kept while the process lives
+
+
+@contextlib.contextmanager
+def keep_captured_plans():
+    """Around a CUDA-graph capture: yields a list that holds every plan (pointer tables, scratch) a
+    fused kernel uses inside the capture, so the plans live exactly as long as whoever keeps the
+    list with the graph (``vssl_fast.step.TrainStep``) and no longer."""
+    kept: list = []
+    _KEEPERS.append(kept)
+    try:
+        yield kept
+    finally:
+        _KEEPERS.remove(kept)
+
+
+def capturing(device) -> bool:
+    """Is a CUDA-graph capture recording on ``device``'s current stream? (patched by tests)"""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def note_capture(plan, device) -> None:
-    """Keep ``plan`` (its tables and scratch) alive for good when it is used inside a CUDA-graph
-    capture: the graph replays its pointers, so evicting it from a cache must not free them."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing() and not any(p is plan for p in _CAPTURED):
-        _CAPTURED.append(plan)
+    """Keep ``plan`` (its tables and scratch) alive while a graph that captured it may replay its
+    pointers: in the innermost ``keep_captured_plans()`` list, or, for a capture made without one,
+    for the rest of the process (evicting it from a cache must not free what a graph reads)."""
+    if not capturing(device):
+        return
+    kept = _KEEPERS[-1] if _KEEPERS else _CAPTURED
+    if not any(p is plan for p in kept):
+        kept.append(plan)
 
 
 def check_state(who: str, index: int, p: torch.Tensor, name: str, t: torch.Tensor) -> None:
@@ -431,6 +456,13 @@ class DeviceLR:
         if gi not in store:
             store[gi] = torch.full((1,), float(self.param_groups[gi]["lr"]), dtype=torch.float32, device=device)
         return store[gi]
+
+    def bind_device_lr(self, gi: int, t: torch.Tensor) -> None:
+        """Group ``gi`` reads its LR from ``t`` (one fp32 element, e.g. a row of a device schedule
+        table the step refreshes on the device)."""
+        if t.numel() != 1 or t.dtype != torch.float32:
+            raise ValueError(f"bind_device_lr: group {gi}: need one fp32 element, got {t.dtype} of shape {tuple(t.shape)}")
+        self.__dict__.setdefault("_lr_dev", {})[gi] = t
 
     def set_device_lrs(self) -> None:
         for gi, group in enumerate(self.param_groups):

@@ -45,3 +45,45 @@ def test_a_second_checkout_uses_its_own_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=other, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(other / "vssl_fast" / "__init__.py"), str(other / "kernels" / "__init__.py")]
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Which of the package's modules (``vssl_fast.data.*`` counted as one, ``vssl_fast.data``) import which,
+    lazy imports inside functions included: a lazy import still ties the two modules together."""
+    import ast
+
+    def node(mod: str) -> str | None:
+        parts = mod.split(".")
+        return ".".join(parts[:2]) if parts[0] == "vssl_fast" and len(parts) > 1 else None
+
+    graph: dict[str, set[str]] = {}
+    for f in (ROOT / "vssl_fast").rglob("*.py"):
+        me = node(".".join(f.relative_to(ROOT).with_suffix("").parts))
+        for a in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(a, ast.ImportFrom) and a.module and a.level == 0:
+                names = [f"{a.module}.{n.name}" for n in a.names] if a.module == "vssl_fast" else [a.module]
+            elif isinstance(a, ast.Import):
+                names = [n.name for n in a.names]
+            for n in names:
+                if (t := node(n)) and t != me:
+                    graph.setdefault(me, set()).add(t)
+    return graph
+
+
+def test_the_package_has_no_import_circle():
+    """faults (the failure policy every module raises through) imported vssl_fast.data, which imports faults:
+    a circle that only lazy imports kept from breaking."""
+    graph = _module_graph()
+    assert "vssl_fast.faults" in graph.get("vssl_fast.data", ())  # the graph sees the data package's imports
+
+    def cycle_from(start, path):
+        for nxt in sorted(graph.get(path[-1], ())):
+            if nxt == start:
+                return path + [nxt]
+            if nxt not in path and (c := cycle_from(start, path + [nxt])):
+                return c
+        return None
+
+    cycles = [c for m in sorted(graph) if (c := cycle_from(m, [m]))]
+    assert not cycles, " ; ".join(" -> ".join(c) for c in cycles)

@@ -147,6 +147,11 @@ class Config:
         for key, val, choices in checks:
             if val not in choices:
                 raise ConfigError(f"{key}: invalid value {val!r}; choose one of {list(choices)}")
+        if self.train.graph == "on" and self.train.compile == "reduce-overhead":
+            # reduce-overhead makes inductor capture CUDA-graph trees of its own, which cannot nest in ours
+            raise ConfigError("train.graph=on with train.compile=reduce-overhead: both capture CUDA graphs and "
+                              "PyTorch does not nest them; use train.compile=default (or none) with train.graph=on, "
+                              "or train.graph=off")
         positive = [("train.batch_size", self.train.batch_size), ("train.epochs", self.train.epochs),
                     ("data.crop_size", self.data.crop_size), ("ckpt.keep", self.ckpt.keep),
                     ("log.every_steps", self.log.every_steps), ("ckpt.every_steps", self.ckpt.every_steps),

@@ -167,7 +167,7 @@ def folder_linear_batches(train_dir, batch_size, crop_size, workers, seed, devic
     from torchvision import transforms as T
 
     from vssl_fast.data.augment import MEANS_STDS
-    from vssl_fast.data.folder import SkippingImageFolder
+    from vssl_fast.data.folder_files import SkippingImageFolder
 
     mean, std = MEANS_STDS["imagenet"]
     tf = T.Compose([T.RandomResizedCrop(crop_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
@@ -293,7 +293,8 @@ def main(argv=None) -> int:
         else:  # ImageNet-100 and other folders: §3.6 as written
             from pathlib import Path
 
-            from vssl_fast.data.folder import FolderEvalLoader, default_workers
+            from vssl_fast.data.folder_eval import FolderEvalLoader
+            from vssl_fast.data.folder_files import default_workers
 
             root, workers = Path(cfg.data.path), default_workers(cfg.data.workers, cap=4)  # min(4, cores) unless set
             batches = folder_linear_batches(root / "train", bs, cfg.data.crop_size, workers, cfg.train.seed, device)

@@ -25,20 +25,15 @@ before acting, so every rank stops at the same point.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import pickle
 import re
 import signal
 import sys
-import tarfile
 import traceback
-import zipfile
-import zlib
 
 __all__ = ["Failure", "RunDirError", "DataError", "CheckpointError", "NonFiniteError", "WriteError",
-           "DistributedError", "Preempted", "StopRequested", "classify", "run", "reading_data", "one_line",
+           "DistributedError", "Preempted", "StopRequested", "classify", "run", "one_line",
            "install_stop_signals", "restore_signals", "stop_requested", "raise_if_stop_agreed"]
 
 
@@ -141,25 +136,6 @@ def run(fn, argv: list[str]) -> int:
         prefix = "" if code in (2, Preempted.exit_code) else "error: "
         print(prefix + line, file=sys.stderr, flush=True)
         return code
-
-
-@contextlib.contextmanager
-def reading_data(data_cfg):
-    """Turn a failure to find or read the configured data into one DataError line naming data.path."""
-    try:
-        yield
-    except FileNotFoundError as e:
-        msg = one_line(e, 2000)
-        raise DataError(msg if "data.path" in msg else f"data.path={data_cfg.path!r}: {msg}") from e
-    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError, ValueError) as e:
-        where = f"data.path={data_cfg.path!r}"
-        if data_cfg.path == "auto":
-            with contextlib.suppress(Exception):
-                from vssl_fast.data import resolve_data_path
-
-                where += f" (resolved to {resolve_data_path(data_cfg.path, data_cfg.dataset)})"
-        raise DataError(f"{where} cannot be read as data.dataset={data_cfg.dataset!r}: {type(e).__name__}: "
-                        f"{one_line(e)}") from e
 
 
 # ----------------------------------------------------------------------------- the stop flag

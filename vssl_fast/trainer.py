@@ -38,7 +38,7 @@ import torch.distributed as dist
 from vssl_fast import auto_settings, faults, rundir
 from vssl_fast import checkpoint as ckpt
 from vssl_fast.config import Config, device_formats
-from vssl_fast.data import build_data
+from vssl_fast.data import build_data, reading_data
 from vssl_fast.distributed import cleanup, init_distributed
 from vssl_fast.evaluate import EVAL_NETWORK, extract_features, feature_amp_dtype, knn_eval, online_eval
 from vssl_fast.models import SSLModel
@@ -94,7 +94,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         random.seed(cfg.train.seed)
-        with faults.reading_data(cfg.data):  # not found / unreadable: one line naming data.path
+        with reading_data(cfg.data):  # not found / unreadable: one line naming data.path
             self.data = build_data(cfg, self.device, self.dist.rank, self.dist.world)
         self.log.info("data: %s", self.data.describe)
         model = SSLModel(**cfg.method.model_kwargs(), backbone=cfg.model.backbone, cifar_stem=cfg.model.cifar_stem,
@@ -110,7 +110,10 @@ class Trainer:
         self.model = model
         self.ddp = model
         if self.dist.enabled:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.dist.local_rank] if cuda else None)
+            # SyncBatchNorm keeps every BatchNorm buffer equal across ranks (global statistics, same
+            # updates), so DDP's broadcast of all buffers before each forward would move equal values
+            self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.dist.local_rank] if cuda else None,
+                                                                 broadcast_buffers=not sync_bn)
         self.forward = self.ddp
         mode = resolve_compile_mode(cfg.train.compile, self.device, cfg.data.crop_size)
         if mode != "none":
@@ -172,6 +175,7 @@ class Trainer:
             torch.cuda.set_rng_state(st["cuda"], self.device)
 
     def save(self) -> Path | None:
+        self._check_skips(self.stepper.consecutive_seen(drain=True))  # a run past its limit is never saved
         rngs = [self._rng_state()]
         if self.dist.enabled:
             rngs = [None] * self.dist.world
@@ -289,6 +293,7 @@ class Trainer:
                 if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
                     self._log_step(parts, epoch, t_log, n_log, wait_log, views_per_step, t_start)
                     t_log, n_log, wait_log = time.time(), 0, 0.0
+                self._check_skips(self.stepper.consecutive_seen())  # no wait: the counts that have landed
                 if self.step % cfg.ckpt.every_steps == 0:
                     self.save()
                 self._stop_if_requested()
@@ -314,7 +319,8 @@ class Trainer:
     def _log_step(self, parts, epoch, t_log, n, wait, views_per_step, t_start):
         cfg = self.cfg
         vals = {k: float(v) for k, v in parts.items()}  # the log point: one host sync
-        skipped, consec = self.stepper.sync_skips(), int(self.stepper.consecutive)
+        skipped = int(self.stepper.skipped)
+        self.stepper.sync_host()  # the LRs the device schedule gave this step, for the row
         dt = max(time.time() - t_log, 1e-9)
         row = {"kind": "train", "step": self.step, "epoch": epoch, **vals, "lr": self.opt.param_groups[0]["lr"],
                "tau": float(self.stepper.tau), "img_per_s": n * views_per_step / 2 / dt, "views_per_s": n * views_per_step / dt,
@@ -333,11 +339,19 @@ class Trainer:
                + (f" mem {row['peak_mem_gb']:.1f}G" if "peak_mem_gb" in row else "")
                + f" eta {remaining / 60:.1f}min" + (f" skipped {skipped}" if skipped else ""))
         self.monitor.bar(self.step, self.total_steps, msg) if self.monitor.progress else self.log.info(msg)
-        if consec >= cfg.train.max_consecutive_skips:
-            where = ckpt.nonfinite_advice(self.ckpt_dir, cfg.optim.lr) if self.dist.is_main else "see rank 0's message"
-            raise NonFiniteError(f"{consec} consecutive steps had a non-finite loss or gradient (last at step "
-                                 f"{self.step}, train.max_consecutive_skips={cfg.train.max_consecutive_skips}); "
-                                 f"stopping. Lower the learning rate or check the data: {where}")
+
+    def _check_skips(self, seen: list[tuple[int, int]]) -> None:
+        """Stop at the first step whose run of consecutive skipped steps reached the limit. The counts
+        arrive without a host wait, at most a few steps late on a GPU (``vssl_fast.step.CounterReader``);
+        the message names the step where the limit was reached. Every rank sees the same counts."""
+        limit = self.cfg.train.max_consecutive_skips
+        hit = next(((st, c) for st, c in seen if c >= limit), None)
+        if hit is None:
+            return
+        where = ckpt.nonfinite_advice(self.ckpt_dir, self.cfg.optim.lr) if self.dist.is_main else "see rank 0's message"
+        raise NonFiniteError(f"{hit[1]} consecutive steps had a non-finite loss or gradient (last at step "
+                             f"{hit[0]}, train.max_consecutive_skips={limit}); "
+                             f"stopping. Lower the learning rate or check the data: {where}")
 
     def _finish(self, last_eval: dict, wall: float) -> dict:
         cfg = self.cfg

@@ -65,7 +65,8 @@ def test_dali_cpu_pipeline_on_real_jpegs(jpeg_tree, tmp_path, crop):
     _dali()
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-    from vssl_fast.data.folder import DaliBatchSource, make_dali_pipeline, validate_folder
+    from vssl_fast.data.folder_dali import DaliBatchSource, make_dali_pipeline
+    from vssl_fast.data.folder_files import validate_folder
 
     specs = view_specs("imagenet", "asymmetric", crop)
     samples = validate_folder(jpeg_tree / "train", tmp_path)
@@ -95,7 +96,7 @@ def test_dali_crop_box_is_the_source_s_and_rows_come_first(tmp_path):
     from PIL import Image
 
     from vssl_fast.data.augment import ViewSpec
-    from vssl_fast.data.folder import N_VIEW_PARAMS, make_dali_pipeline
+    from vssl_fast.data.folder_dali import N_VIEW_PARAMS, make_dali_pipeline
 
     H, W = 40, 60
     img = np.zeros((H, W, 3), np.uint8)
@@ -119,7 +120,8 @@ def test_dali_crop_box_is_the_source_s_and_rows_come_first(tmp_path):
 
 
 def _make_loader(kind, tree, bs=4, seed=1, rank=0, world=1, **kw):
-    from vssl_fast.data.folder import DaliTwoViewLoader, NvjpegTwoViewLoader, TorchvisionTwoViewLoader
+    from vssl_fast.data.folder_dali import DaliTwoViewLoader
+    from vssl_fast.data.folder_torchvision import NvjpegTwoViewLoader, TorchvisionTwoViewLoader
 
     specs = view_specs("imagenet", "asymmetric", 24)
     cpu = torch.device("cpu")
@@ -190,7 +192,7 @@ def test_dali_resume_far_into_a_run_costs_no_replay(small_tree, tmp_path, monkey
     """Resuming at epoch 3000 builds the pipeline there: the source is asked for the batches from that
     position on, never for the 18,000 before it (counted, not timed: replaying them took minutes)."""
     _dali()
-    from vssl_fast.data.folder import DaliBatchSource
+    from vssl_fast.data.folder_dali import DaliBatchSource
 
     asked = []
     batch = DaliBatchSource.batch
@@ -225,7 +227,7 @@ def test_ranks_read_disjoint_shards_with_their_own_augmentations(small_tree, tmp
 def test_dali_crop_boxes_follow_torchvision_s_rules():
     """Boxes inside the image; area share within scale and aspect within ratio, up to rounding, or the
     centred fallback; the same draws give the same boxes."""
-    from vssl_fast.data.folder import _rrc_boxes
+    from vssl_fast.data.folder_dali import _rrc_boxes
 
     rng = np.random.default_rng(0)
     H = rng.integers(8, 600, 2000).astype(np.float64)
@@ -258,7 +260,8 @@ def test_dali_reader_processes_give_the_same_batches(small_tree, tmp_path):
 
 
 def test_torchvision_fallback_loader_and_eval(jpeg_tree, tmp_path):
-    from vssl_fast.data.folder import FolderEvalLoader, TorchvisionTwoViewLoader
+    from vssl_fast.data.folder_eval import FolderEvalLoader
+    from vssl_fast.data.folder_torchvision import TorchvisionTwoViewLoader
 
     specs = view_specs("imagenet", "asymmetric", 32)
     ld = TorchvisionTwoViewLoader(jpeg_tree / "train", specs, 8, 0, 0, 1, torch.device("cpu"), 0, False, torch.float32,
@@ -301,7 +304,7 @@ def bad_tree(small_tree, tmp_path):
 
 @pytest.mark.parametrize("kind", ["dali", "torchvision", "nvjpeg"])
 def test_bad_files_are_skipped_counted_and_logged_once_on_every_path(bad_tree, tmp_path, caplog, kind):
-    from vssl_fast.data.folder import BadFiles
+    from vssl_fast.data.folder_files import BadFiles
 
     bad = BadFiles(max_fraction=0.2)
     ld = _make_loader(kind, bad_tree, bad=bad, cache_dir=tmp_path / "cache")
@@ -314,17 +317,17 @@ def test_bad_files_are_skipped_counted_and_logged_once_on_every_path(bad_tree, t
         assert caplog.text.count(name) == 1, name
     assert "zz_empty.jpg (empty)" in caplog.text and "zz_truncated.jpg (truncated" in caplog.text
     # evaluation loaders on a checked tree leave the bad files out too, without a word
-    from vssl_fast.data.folder import SkippingImageFolder
+    from vssl_fast.data.folder_files import SkippingImageFolder
 
     assert len(SkippingImageFolder(bad_tree, None)) == 24
 
 
 def test_the_file_check_is_cached_and_redone_when_the_tree_changes(bad_tree, tmp_path, monkeypatch):
-    from vssl_fast.data import folder, tools
-    from vssl_fast.data.folder import validate_folder
+    from vssl_fast.data import folder_files, tools
+    from vssl_fast.data.folder_files import validate_folder
 
     first = validate_folder(bad_tree, tmp_path / "cache")
-    monkeypatch.setattr(folder, "_VALIDATED", {})  # a new process: only the disk cache is left
+    monkeypatch.setattr(folder_files, "_VALIDATED", {})  # a new process: only the disk cache is left
     monkeypatch.setattr(tools, "quick_check", lambda p: pytest.fail(f"checked {p} again"))
     again = validate_folder(bad_tree, tmp_path / "cache")
     assert again.paths == first.paths and np.array_equal(again.sizes, first.sizes)
@@ -335,7 +338,7 @@ def test_the_file_check_is_cached_and_redone_when_the_tree_changes(bad_tree, tmp
 
 
 def test_too_many_bad_files_fail_the_run_with_one_line_naming_scan(bad_tree, tmp_path):
-    from vssl_fast.data.folder import BadDataError, BadFiles
+    from vssl_fast.data.folder_files import BadDataError, BadFiles
 
     with pytest.raises(BadDataError) as e:
         _make_loader("torchvision", bad_tree, bad=BadFiles(max_fraction=0.1), cache_dir=tmp_path)
@@ -347,7 +350,7 @@ def test_too_many_bad_files_fail_the_run_with_one_line_naming_scan(bad_tree, tmp
 
 def test_too_many_bad_files_exit_4_under_train_py_s_policy(tmp_path):
     from vssl_fast import faults
-    from vssl_fast.data.folder import BadDataError
+    from vssl_fast.data.folder_files import BadDataError
 
     e = BadDataError("3 of 27 image files in /x are bad; list them with `python -m vssl_fast.data scan /x`")
     assert faults.classify(e) == (4, str(e))
@@ -356,7 +359,8 @@ def test_too_many_bad_files_exit_4_under_train_py_s_policy(tmp_path):
 def test_torchvision_path_skips_files_only_a_decode_finds(bad_tree, tmp_path, caplog):
     """A file that passes the check but does not decode: skipped where it is met (the next file takes its
     place), counted once in the main process whatever the workers, and counted towards the limit."""
-    from vssl_fast.data.folder import BadDataError, BadFiles, SkippingImageFolder, TwoViewTransform
+    from vssl_fast.data.folder_files import BadDataError, BadFiles, SkippingImageFolder
+    from vssl_fast.data.folder_torchvision import TwoViewTransform
 
     (bad_tree / "bird" / "zz_garbled.jpg").write_bytes(_garbled_jpeg())
     bad = BadFiles(max_fraction=0.2)
@@ -381,7 +385,7 @@ def test_dali_names_scan_when_a_file_fails_during_the_run(small_tree, tmp_path):
     """A file that breaks after the check (here emptied mid-run) stops DALI with one line naming scan."""
     import shutil
 
-    from vssl_fast.data.folder import BadDataError
+    from vssl_fast.data.folder_files import BadDataError
 
     tree = tmp_path / "t"
     shutil.copytree(small_tree / "train", tree)
@@ -413,7 +417,8 @@ def test_folder_data_evaluates_at_the_configured_crop_and_builds_no_dali_pipelin
     import os
 
     from vssl_fast.config import load_config
-    from vssl_fast.data.folder import DaliTwoViewLoader, build_folder_data
+    from vssl_fast.data.folder import build_folder_data
+    from vssl_fast.data.folder_dali import DaliTwoViewLoader
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     cfg = load_config(["--preset", "imagenet100", f"--data.path={small_tree}", "--data.crop_size=40",
@@ -430,7 +435,7 @@ def test_nvjpeg_style_loader_decodes_batches_on_the_device(jpeg_tree, tmp_path):
     """The GPU torchvision path, run with decode_jpeg on the CPU: shapes, labels, bad files skipped."""
     import shutil
 
-    from vssl_fast.data.folder import NvjpegTwoViewLoader
+    from vssl_fast.data.folder_torchvision import NvjpegTwoViewLoader
 
     tree = tmp_path / "t"
     shutil.copytree(jpeg_tree / "train", tree)

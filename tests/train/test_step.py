@@ -14,6 +14,7 @@ from vssl_fast.kernels import FusedLARS  # noqa: E402
 
 from vssl_fast.config import OptimConfig  # noqa: E402
 from vssl_fast.method import MethodConfig  # noqa: E402
+from vssl_fast.optim import tau_schedule, warmup_cosine  # noqa: E402
 from vssl_fast.step import TrainStep  # noqa: E402
 
 
@@ -45,19 +46,31 @@ def test_nonfinite_step_is_skipped_and_counted(poison, kernel_device):
     snap = {k: v.clone() for k, v in model.state_dict().items()}  # BatchNorm statistics and counters included
     bufs = [opt.state[p]["momentum_buffer"].clone() for g_ in opt.param_groups for p in g_["params"]]
     step.schedule(10, 100)
-    pos, lrs, tau = step.applied, [g["lr"] for g in opt.param_groups], float(step.tau)
+    assert step.applied == 1
     step(x1, x2, y)  # poisoned
+    used = _schedule_used(step)
+    o = OptimConfig()  # the schedule at position 1 (fp32 on the device path)
+    assert used[0] == pytest.approx([warmup_cosine(1, g["base_lr"], 10, 100, o.warmup_start_lr, o.min_lr)
+                                     for g in opt.param_groups], rel=1e-6)
+    assert used[1] == pytest.approx(tau_schedule(1, 100, o.tau_base, o.tau_final), rel=1e-6)
     assert int(step.skipped) == 1 and int(step.consecutive) == 1
-    step.schedule(10, 100)  # the schedule did not advance: the retry gets the same lr and tau
-    assert step.applied == pos == 1 and [g["lr"] for g in opt.param_groups] == lrs and float(step.tau) == tau
+    assert step.applied == 1, "a skipped step advanced the schedule"
     assert snap.keys() == model.state_dict().keys() and any("running_var" in k for k in snap)
     for k, v in model.state_dict().items():
         assert torch.equal(v, snap[k]), f"{k} changed on a skipped step"
     assert all(torch.equal(a, opt.state[p]["momentum_buffer"])
                for a, p in zip(bufs, [p for g_ in opt.param_groups for p in g_["params"]]))
-    step(x1, x2, y)  # a good step again
+    step.schedule(10, 100)
+    step(x1, x2, y)  # a good step again: the retry takes the skipped step's lr and tau
+    assert _schedule_used(step) == used and step.applied == 2
     assert int(step.skipped) == 1 and int(step.consecutive) == 0
     assert not torch.equal(model.classifier.weight, snap["classifier.weight"])
+
+
+def _schedule_used(step):
+    """(each group's lr, tau) that the last step used, as the host sees them."""
+    step.sync_host()
+    return [g["lr"] for g in step.opt.param_groups], float(step.tau)
 
 
 def test_trainer_stops_after_consecutive_nonfinite_steps(cifar_tiny_tar, tmp_path):

@@ -173,7 +173,7 @@ def test_linear_eval_on_an_image_folder(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from vssl_fast.data.folder import FolderEvalLoader
+    from vssl_fast.data.folder_eval import FolderEvalLoader
     from vssl_fast.evaluate import folder_linear_batches, linear_eval
 
     for split in ("train", "val"):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import pickle
+import tarfile
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -11,9 +16,10 @@ from vssl_fast.config import device_formats
 from vssl_fast.data.augment import MEANS_STDS, view_specs
 from vssl_fast.data.loader import DeviceEvalLoader, DeviceTwoViewLoader
 from vssl_fast.data.sources import DataNotFound, load_cifar_arrays, resolve_data_path
+from vssl_fast.faults import DataError, one_line
 
-__all__ = ["build_data", "DataNotFound", "resolve_data_path", "DataBundle", "stratified_subset", "BANK_SEED",
-           "eval_input_dtype"]
+__all__ = ["build_data", "reading_data", "DataNotFound", "resolve_data_path", "DataBundle", "stratified_subset",
+           "BANK_SEED", "eval_input_dtype"]
 
 log = logging.getLogger("vssl_fast")
 
@@ -56,6 +62,24 @@ def eval_input_dtype(cfg) -> torch.dtype:
 
 def _to_device_uint8(x: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+@contextlib.contextmanager
+def reading_data(data_cfg):
+    """Turn a failure to find or read the configured data into one DataError line naming data.path (here, not
+    in ``vssl_fast.faults``: faults imports nothing from the data package, so there is no import circle)."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        msg = one_line(e, 2000)
+        raise DataError(msg if "data.path" in msg else f"data.path={data_cfg.path!r}: {msg}") from e
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError, ValueError) as e:
+        where = f"data.path={data_cfg.path!r}"
+        if data_cfg.path == "auto":
+            with contextlib.suppress(Exception):
+                where += f" (resolved to {resolve_data_path(data_cfg.path, data_cfg.dataset)})"
+        raise DataError(f"{where} cannot be read as data.dataset={data_cfg.dataset!r}: {type(e).__name__}: "
+                        f"{one_line(e)}") from e
 
 
 def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> DataBundle:

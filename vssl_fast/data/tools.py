@@ -14,7 +14,7 @@ DST and renames it into place, so a failure leaves nothing half-built. Bad files
 left out of the subset.
 
 ``quick_check`` (the size, the format header and the end-of-image marker, no decoding) is also
-what the image-folder loaders run once per tree before training (``vssl_fast.data.folder``);
+what the image-folder loaders run once per tree before training (``vssl_fast.data.folder_files``);
 ``scan`` decodes every file and so also finds damage in the middle of a file.
 """
 
