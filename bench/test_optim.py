@@ -56,7 +56,7 @@ def test_host_work_per_call(benchmark, measure, call):
         t = measure(fn, group="host work per call (launches not run)", reps=KERNEL, kind="wall")
     if t is not None:
         benchmark.extra_info.update(triton_launches=counted.triton, aten_ops=sum(counted.ops.values()), tensors=tensors,
-                                    host_us=1e3 * t.ms)
+                                    cuda_launches=getattr(counted, "cuda_launches", None), host_us=1e3 * t.ms)
 
 
 def _ema_cases():
