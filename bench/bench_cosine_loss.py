@@ -7,6 +7,8 @@ Rows = 2B (both ordered view pairs in one launch). Bytes counted per fwd+bwd, in
 at the input width: KL+sample reads mu, var, mu_t, var_t and writes z (5), backward reads the four
 inputs and grad_z and writes two gradients (7): 12 R d. LL: 4 forward, 4 + 2 backward: 10 R d.
 The per-row scalars are negligible. GB/s = bytes / median time; '%peak' against the datasheet.
+Each case: 5 warm-ups, then at least 20 timed repetitions and 0.5 s (``bench.timing.KERNEL``);
+``--tiny``: 1 + 3. ``python -m pytest bench/test_losses.py --benchmark-only`` times the same cases.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from bench.common import (
     first_call_s,
     gpu_time_ms,
     header,
+    kernel_time,
     markdown_table,
     peak_bandwidth_gbps,
-    time_ms,
 )
+from bench.timing import KERNEL, TINY, Reps
 from vssl_fast import kernels as K
 
 
@@ -84,7 +87,29 @@ def providers(R, d, device):
     }, zero, mu.element_size()
 
 
-def run(shapes, device, check=True, sink=None):
+def figures(n_elems: int, R: int, d: int, elt: int, ms: float, gpu_ms: float | None, peak: float | None) -> dict:
+    """Bytes moved per fwd+bwd, GB/s and % of the datasheet peak, host-inclusive and GPU-only."""
+    nbytes = n_elems * R * d * elt
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    gpu_gbps = nbytes / (gpu_ms * 1e-3) / 1e9 if gpu_ms else None
+    return dict(bytes=nbytes, GBps=gbps, pct_peak=(100 * gbps / peak) if peak else None,
+                gpu_pct_peak=(100 * gpu_gbps / peak) if (peak and gpu_gbps) else None)
+
+
+def ratios(case: list[dict]) -> None:
+    """Each provider's speed-up over the same run's eager and compiled references (in place)."""
+    base = {r["provider"]: r["ms"] for r in case}
+    gbase = {r["provider"]: r.get("gpu_ms") for r in case}
+    for r in case:
+        if "eager" in base:
+            r["speedup_vs_eager"] = base["eager"] / r["ms"]
+        if "compiled" in base:
+            r["speedup_vs_compiled"] = base["compiled"] / r["ms"]
+        if r.get("gpu_ms") and gbase.get("compiled"):
+            r["gpu_speedup_vs_compiled"] = gbase["compiled"] / r["gpu_ms"]
+
+
+def run(shapes, device, check=True, sink=None, reps: Reps = KERNEL):
     """Time every provider per (B, d, op); ``sink`` gets each case's rows as soon as it ends."""
     peak = peak_bandwidth_gbps()
     rows = []
@@ -97,22 +122,12 @@ def run(shapes, device, check=True, sink=None):
                 zero()
                 first = first_call_s(fn)  # compilation, reported apart
                 zero()
-                ms, lo, hi = time_ms(fn, setup=zero)
-                gpu_ms, how = gpu_time_ms(fn, setup=zero)
-                nbytes = n_elems * R * d * elt
-                gbps = nbytes / (ms * 1e-3) / 1e9
-                gpu_gbps = nbytes / (gpu_ms * 1e-3) / 1e9 if gpu_ms else None
-                case.append(dict(op=op, B=B, d=d, rows=R, provider=prov, bytes=nbytes, ms=ms, p20=lo, p80=hi, GBps=gbps,
-                                 pct_peak=(100 * gbps / peak) if peak else None, gpu_ms=gpu_ms,
-                                 gpu_pct_peak=(100 * gpu_gbps / peak) if (peak and gpu_gbps) else None, gpu_note=how,
-                                 first_call_s=first))
-            base = {r["provider"]: r["ms"] for r in case}
-            gbase = {r["provider"]: r["gpu_ms"] for r in case}
-            for r in case:
-                r["speedup_vs_eager"] = base["eager"] / r["ms"]
-                r["speedup_vs_compiled"] = base["compiled"] / r["ms"]
-                if r["gpu_ms"] and gbase.get("compiled"):
-                    r["gpu_speedup_vs_compiled"] = gbase["compiled"] / r["gpu_ms"]
+                t = kernel_time(fn, reps, setup=zero)
+                g, how = gpu_time_ms(fn, setup=zero, reps=reps)
+                case.append(dict(op=op, B=B, d=d, rows=R, provider=prov, **t.row(), gpu_ms=g.ms if g else None,
+                                 gpu_samples=g.samples if g else None, gpu_note=how, first_call_s=first,
+                                 **figures(n_elems, R, d, elt, t.ms, g.ms if g else None, peak)))
+            ratios(case)
             rows += case
             if sink is not None:
                 sink.emit(*case)
@@ -127,9 +142,9 @@ def main(argv=None):
     device = bench_device()
     shapes = [(4, 8), (8, 3)] if args.tiny else [(B, d) for B in (256, 1024, 8192) for d in (256, 2048)]
     env = env_info()
-    rows = run(shapes, device, sink=RowSink("cosine_loss", args.out, env))
+    rows = run(shapes, device, sink=RowSink("cosine_loss", args.out, env), reps=TINY if args.tiny else KERNEL)
     print(header("cosine loss fwd+bwd", env))
-    print(markdown_table(rows, ["op", "B", "d", "provider", "ms", "p20", "p80", "GBps", "pct_peak",
+    print(markdown_table(rows, ["op", "B", "d", "provider", "ms", "p20", "p80", "samples", "GBps", "pct_peak",
                                 "speedup_vs_eager", "speedup_vs_compiled", "gpu_ms", "gpu_pct_peak",
                                 "gpu_speedup_vs_compiled", "first_call_s"]))
     return rows

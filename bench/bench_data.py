@@ -22,54 +22,113 @@ import numpy as np
 import torch
 
 from bench.common import RowSink, bench_device, env_info, header, markdown_table
+from bench.timing import LOADER, TINY, Reps, Timing, time_ms, wall_clock
 from vssl_fast.data.augment import view_specs
 
 
-def make_jpegs(root: Path, n: int, size=(500, 375), classes: int = 8, seed: int = 0) -> Path:
-    """Photo-like JPEGs: a smooth random field plus noise, quality 85 (about 50-110 KB at 500x375)."""
+def _jpeg(args) -> None:
+    """One photo-like JPEG: a smooth random field plus noise, quality 85; a pure function of (seed, i)."""
     from PIL import Image
 
+    path, i, size, seed = args
+    rng = np.random.default_rng([seed, i])
+    small = rng.integers(0, 256, (12, 16, 3)).astype(np.uint8)
+    base = np.asarray(Image.fromarray(small).resize(size, Image.BICUBIC)).astype(np.float32)
+    img = np.clip(base + rng.normal(0, rng.uniform(10, 25), base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=85)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)  # a cut run never leaves half a JPEG under its final name
+
+
+def make_jpegs(root: Path, n: int, size=(500, 375), classes: int = 8, seed: int = 0, procs: int | None = None) -> Path:
+    """``n`` photo-like JPEGs (about 50-110 KB at 500x375) in ``classes`` folders under ``root/train``,
+    made in parallel (one process per core) and only those missing: the data and e2e benchmarks
+    share one folder, so the images are made once per machine."""
     train = root / "train"
-    if train.is_dir() and sum(1 for _ in train.rglob("*.jpg")) >= n:
-        return train
-    rng = np.random.default_rng(seed)
+    todo = []
     for i in range(n):
         d = train / f"c{i % classes}"
         d.mkdir(parents=True, exist_ok=True)
-        small = rng.integers(0, 256, (12, 16, 3)).astype(np.uint8)
-        base = np.asarray(Image.fromarray(small).resize(size, Image.BICUBIC)).astype(np.float32)
-        img = np.clip(base + rng.normal(0, rng.uniform(10, 25), base.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "JPEG", quality=85)
-        (d / f"{i:06d}.jpg").write_bytes(buf.getvalue())
+        if not (d / f"{i:06d}.jpg").exists():
+            todo.append((d / f"{i:06d}.jpg", i, size, seed))
+    procs = procs or min(len(todo), os.cpu_count() or 1)
+    if procs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(procs) as pool:
+            pool.map(_jpeg, todo, chunksize=max(1, len(todo) // (4 * procs)))
+    else:
+        for job in todo:
+            _jpeg(job)
     return train
 
 
-def _time_loader(make, steps, batch):
-    ld = make()
-    it = iter(ld)
-    next(it)  # warm-up (pipeline build, workers, first decode)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    done = 0
-    for _ in range(steps):
-        try:
-            v1, v2, y = next(it)
-        except StopIteration:
-            it = iter(ld)
-            v1, v2, y = next(it)
-        done += v1.shape[0]
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    it.close()  # shut the loader's workers down before the next path starts
-    return done / dt
+class Batches:
+    """Endless batches of a loader (a new epoch when one ends); ``close`` ends its iterator and the
+    loader (pipeline, worker processes) so nothing of it runs during the next path's timing."""
+
+    def __init__(self, loader):
+        self.loader, self.it = loader, None
+
+    def __next__(self):
+        for _ in range(2):
+            if self.it is None:
+                self.it = iter(self.loader)
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.it = None
+        raise RuntimeError(f"{type(self.loader).__name__} yields no batch")
+
+    def close(self) -> int:
+        """Close; returns how many child processes are still alive afterwards (0 when all shut down)."""
+        import gc
+        import multiprocessing
+
+        if self.it is not None and hasattr(self.it, "close"):
+            self.it.close()  # a generator: its DataLoader iterator (and workers) go with it
+        self.it = None
+        if hasattr(self.loader, "close"):
+            self.loader.close()
+        self.loader = None
+        gc.collect()
+        for p in multiprocessing.active_children():
+            p.join(timeout=30)  # a worker that ignores its shutdown is counted, not waited for forever
+        return len(multiprocessing.active_children())
 
 
-def run(tiny: bool, jpeg_dir: Path, device, emit=None) -> list[dict]:
+def time_loader(make, reps: Reps, clock=None) -> tuple[Timing, int, int]:
+    """(per-batch timing, images per batch, child processes left after closing) of the loader ``make()``
+    builds. Warm-up batches (pipeline build, workers starting, first decodes, the prefetch queue
+    filling) are counted apart; the figure is the median batch, so a queue that was full when the
+    timing started (up to its depth of nearly free batches) does not inflate it."""
+    b = Batches(make())
+    size = []
+
+    def one():
+        v1, _, _ = next(b)
+        size.append(v1.shape[0])
+
+    try:
+        t = time_ms(one, reps, clock=clock or wall_clock())
+    finally:
+        left = b.close()
+    return t, size[-1], left
+
+
+def rate_row(t: Timing, batch: int) -> dict:
+    """Images per second from the median batch (and from the mean, for comparison with a plain loop)."""
+    return dict(img_per_s=batch / (t.ms * 1e-3), img_per_s_mean=batch / (t.mean_ms * 1e-3), batch_p20_ms=t.p20,
+                batch_p80_ms=t.p80, batches=t.samples, warmup_batches=t.warmup, timed_s=t.timed_s, timer=t.timer)
+
+
+def run(tiny: bool, jpeg_dir: Path, device, emit=None, reps: Reps | None = None) -> list[dict]:
     """Every path's img/s; the CPU DataLoader baseline is measured before the paths compared with
-    it, so each row goes to ``emit`` complete as soon as it is measured."""
+    it, so each row goes to ``emit`` complete as soon as it is measured. Each path: 8 warm-up
+    batches, then at least 40 batches and 3 s (``bench.timing.LOADER``), its loader closed (workers
+    joined) before the next path is built."""
     from vssl_fast.data.folder import dali_available
     from vssl_fast.data.folder_torchvision import NvjpegTwoViewLoader, TorchvisionTwoViewLoader
     from vssl_fast.data.loader import DeviceTwoViewLoader
@@ -83,24 +142,28 @@ def run(tiny: bool, jpeg_dir: Path, device, emit=None) -> list[dict]:
 
     cores = os.cpu_count() or 1
     # --- GPU-resident CIFAR
-    n, bs, steps = (512, 64, 3) if tiny else (50_000, 512, 50)
+    n, bs = (512, 64) if tiny else (50_000, 512)
+    reps = reps or (TINY if tiny else LOADER)
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
     y = torch.randint(0, 10, (n,), device=device)
     specs = view_specs("cifar10")
-    ips = _time_loader(lambda: DeviceTwoViewLoader(x, y, bs, specs, 0, out_dtype=torch.bfloat16 if device.type == "cuda"
-                                                   else torch.float32), steps, bs)
-    add(path="cifar_device", crop=32, batch=bs, img_per_s=ips, note=f"on {device.type}")
+    t, got, left = time_loader(lambda: DeviceTwoViewLoader(x, y, bs, specs, 0, out_dtype=torch.bfloat16 if device.type == "cuda"
+                                                           else torch.float32), reps)
+    add(path="cifar_device", crop=32, batch=got, **rate_row(t, got), children_left=left, note=f"on {device.type}")
     # --- ImageNet-style JPEGs
-    nj, bsj, stj = (32, 8, 2) if tiny else (4096, 256, 12)
+    nj, bsj = (32, 8) if tiny else (4096, 256)
     t0 = time.perf_counter()
     train = make_jpegs(jpeg_dir, nj)
-    sz = sum(p.stat().st_size for p in train.rglob("*.jpg")) / nj / 1024
+    made_s = time.perf_counter() - t0
+    files = list(train.rglob("*.jpg"))
+    nj, sz = len(files), sum(p.stat().st_size for p in files) / len(files) / 1024
     crop = 64 if tiny else 224
     ispecs = view_specs("imagenet", "asymmetric", crop)
     mk = lambda: TorchvisionTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, cores, False, torch.float32)  # noqa: E731
-    base = _time_loader(mk, stj, bsj)
-    add(path="torchvision_cpu_baseline", crop=crop, batch=bsj, img_per_s=base, x_cpu_baseline=1.0,
-        note=f"{cores} workers, PIL; {nj} JPEGs of {sz:.0f} KB made in {time.perf_counter() - t0:.0f} s")
+    t, got, left = time_loader(mk, reps)
+    base = rate_row(t, got)["img_per_s"]
+    add(path="torchvision_cpu_baseline", crop=crop, batch=got, **rate_row(t, got), x_cpu_baseline=1.0, children_left=left,
+        note=f"{cores} workers, PIL; {nj} JPEGs of {sz:.0f} KB (made or found in {made_s:.0f} s)")
     ok, why = dali_available()
     if ok:
         from vssl_fast.data.folder_dali import DaliTwoViewLoader
@@ -108,15 +171,17 @@ def run(tiny: bool, jpeg_dir: Path, device, emit=None) -> list[dict]:
         workers = min(4, cores) if device.type == "cuda" else 0  # the trainer's default reader processes
         mk = lambda: DaliTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, False, torch.float32,  # noqa: E731
                                        workers=workers)
-        ips = _time_loader(mk, stj, bsj)
-        add(path="dali", crop=crop, batch=bsj, img_per_s=ips, x_cpu_baseline=ips / base,
+        t, got, left = time_loader(mk, reps)
+        r = rate_row(t, got)
+        add(path="dali", crop=crop, batch=got, **r, x_cpu_baseline=r["img_per_s"] / base, children_left=left,
             note=("GPU mixed decode" if device.type == "cuda" else "CPU-only") + f", {sz:.0f} KB JPEGs, {workers} readers")
     else:
         add(path="dali", crop=crop, batch=bsj, img_per_s=None, note=f"not measured: {why}")
     mk = lambda: NvjpegTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, min(cores, 8), False, torch.float32)  # noqa: E731
-    ips = _time_loader(mk, stj, bsj)
-    add(path="torchvision_nvjpeg" if device.type == "cuda" else "torchvision_decode_jpeg_cpu", crop=crop, batch=bsj,
-        img_per_s=ips, x_cpu_baseline=ips / base, note=f"{min(cores, 8)} byte-reading workers")
+    t, got, left = time_loader(mk, reps)
+    r = rate_row(t, got)
+    add(path="torchvision_nvjpeg" if device.type == "cuda" else "torchvision_decode_jpeg_cpu", crop=crop, batch=got,
+        **r, x_cpu_baseline=r["img_per_s"] / base, children_left=left, note=f"{min(cores, 8)} byte-reading workers")
     return rows
 
 
@@ -125,12 +190,25 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--jpeg-dir", default=".cache/bench_jpegs")
     ap.add_argument("--out", default="bench/results/data.jsonl")
+    ap.add_argument("--require-dali", action="store_true", help="fail when the DALI path cannot be measured")
+    ap.add_argument("--make-jpegs-only", action="store_true", help="make the benchmark JPEGs (every core) and stop")
     a = ap.parse_args(argv)
+    if a.make_jpegs_only:
+        t0 = time.perf_counter()
+        n = 64 if a.tiny else 4096  # bench_e2e --tiny uses 64, bench_data --tiny the first 32
+        make_jpegs(Path(a.jpeg_dir), n)
+        print(f"{n} JPEGs in {a.jpeg_dir}/train ({time.perf_counter() - t0:.1f} s)")
+        return []
     env = env_info()
     sink = RowSink("data", a.out, env)
     rows = run(a.tiny, Path(a.jpeg_dir), bench_device(), emit=sink.emit)
     print(header("data paths", env))
-    print(markdown_table(rows, ["path", "crop", "batch", "img_per_s", "x_cpu_baseline", "note"]))
+    print(markdown_table(rows, ["path", "crop", "batch", "img_per_s", "batch_p20_ms", "batch_p80_ms", "batches",
+                                "x_cpu_baseline", "children_left", "note"]))
+    missing = [r for r in rows if r.get("img_per_s") is None]
+    if a.require_dali and missing:
+        raise SystemExit(f"bench_data: {missing[0]['path']} not measured ({missing[0]['note']}); --require-dali makes "
+                         "that a failure (bring DALI with bench/gpu_check's dali stage)")
     return rows
 
 

@@ -12,19 +12,28 @@ Variants, in the same process on the same card, after warm-up (and compilation):
       eager and as one CUDA graph per step (``--graph-modes off,on``: train.graph by measurement);
   (c) floor: the backbone alone: student forward+backward on both views, teacher forward, bf16
       channels-last, eager.
-Views/s = 2 B / median step time. The JSON rows carry card, versions, date and git revision.
+Views/s = 2 B / median step time. Each variant: its first call (compilation, reported apart), 5
+warm-up steps, then at least 30 timed steps and 2 s (``bench.timing.STEP``), CUDA events around
+each step. When a setting is timed in more than one mode (``--graph-modes off,on``, several
+``--compile-modes``) a ``decision(...)`` row names the choice the timings support, with the samples
+and spread it rests on ('undecided' when the spreads overlap): what ``train.graph=auto`` and
+``train.compile=auto`` are to follow (``vssl_fast/auto_settings.py``). The JSON rows carry card,
+versions, date and git revision.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import functools
 
 import torch
 from vssl_fast.kernels import LARSReference, ema_update_loop_
 from vssl_fast.kernels._common import interpret_mode
 
-from bench.common import RowSink, bench_device, env_info, first_call_s, header, markdown_table, time_ms
+from bench.common import RowSink, bench_device, env_info, first_call_s, header, markdown_table
+from bench.timing import STEP, TINY, Reps, Timing, kernel_clock, time_ms, warm
 from vssl_fast.config import device_formats, load_config
 from vssl_fast.models import SSLModel
 from vssl_fast.optim import build_optimizer
@@ -88,9 +97,9 @@ class FloorStep:
             p.grad = None
 
 
-def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), emit=None,
-             graph_modes=("off",)) -> list[dict]:
-    """(a), (c), then (b) per compile mode; each row goes to ``emit`` as soon as it is measured.
+def variants(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), graph_modes=("off",)):
+    """(name, build) per variant, in order: (a), (c), then (b) per compile and graph mode; ``build()``
+    makes the variant on demand and returns (step, inputs, model, extra row fields).
 
     The fast step runs the GPU configuration (``device_formats`` with ``model.channels_last=true``
     and bf16): on the CPU that is its twin, channels-last weights and inputs under CPU autocast.
@@ -110,52 +119,116 @@ def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), e
     x1 = torch.randn(batch, 3, px, px, generator=g).to(device)
     x2 = torch.randn(batch, 3, px, px, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
-    rows = []
-
-    def measure(name, step, xs, model, baselines=None, **extra):
-        state = copy.deepcopy(model.state_dict())
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        first = first_call_s(lambda: step(*xs))  # compilation, reported apart
-        for _ in range(1 if tiny else 4):  # warm-up
-            step(*xs)
-        model.load_state_dict(state)  # restore the initial state before timing
-        ms, lo, hi = time_ms(lambda: step(*xs), warmup=3, rep=30 if not tiny else 3)
-        row = dict(px=px, batch=batch, variant=name, ms=ms, p20=lo, p80=hi, views_per_s=2 * batch / (ms * 1e-3),
-                   first_call_s=first, peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-                   **extra)
-        if baselines:
-            row["b_over_a"], row["b_over_c"] = row["views_per_s"] / baselines[0], row["views_per_s"] / baselines[1]
-        rows.append(row)
-        if emit is not None:
-            emit(row)
-        return row
-
-    # (a) reference: contiguous fp32 weights, fp16 autocast, reference losses, per-parameter LARS + EMA loop
-    m = _model(cfg, 10, device, channels_last=False, tiny=tiny)
-    a = measure("a_reference", ReferenceStep(m, cfg, device), (x1, x2, y), m)["views_per_s"]
-    del m
     fmt = (lambda t: t.to(img_dtype).contiguous(memory_format=torch.channels_last)) if cl else (lambda t: t.to(img_dtype))
     xb = (fmt(x1), fmt(x2), y)
-    # (c) the backbone floor
-    m = _model(cfg, 10, device, channels_last=cl, tiny=tiny)
-    c = measure("c_backbone_floor", FloorStep(m, device), xb, m)["views_per_s"]
-    del m
-    # (b) the product's fast step, once per compile mode asked for ('auto' = what the trainer picks)
-    for requested in compile_modes:
+
+    def reference():  # (a): contiguous fp32 weights, fp16 autocast, reference losses, per-parameter LARS + EMA loop
+        m = _model(cfg, 10, device, channels_last=False, tiny=tiny)
+        return ReferenceStep(m, cfg, device), (x1, x2, y), m, {}
+
+    def floor():  # (c): the backbone alone
+        m = _model(cfg, 10, device, channels_last=cl, tiny=tiny)
+        return FloorStep(m, device), xb, m, {}
+
+    def fast(mode, gmode):  # (b): the product's step
+        m = _model(cfg, 10, device, channels_last=cl, tiny=tiny)
+        forward = torch.compile(m, mode=mode) if mode != "none" else m
+        opt = build_optimizer(m, cfg, 1)
+        step = TrainStep(m, forward, opt, cfg.method, cfg.optim, device, amp, graph=gmode)
+        step.schedule(10, 1000)
+        return step, xb, m, dict(channels_last=cl, optimizer=type(opt).__name__)
+
+    yield "a_reference", reference
+    yield "c_backbone_floor", floor
+    for requested in compile_modes:  # 'auto' = what the trainer picks
         for graph in graph_modes:  # 'on': one CUDA graph per step ('static', its uncaptured twin, on a CPU)
             mode = resolve_compile_mode(requested, device, px)
             gmode = graph if (graph == "off" or cuda) else "static"
-            m = _model(cfg, 10, device, channels_last=cl, tiny=tiny)
-            forward = torch.compile(m, mode=mode) if mode != "none" else m
-            opt = build_optimizer(m, cfg, 1)
-            step = TrainStep(m, forward, opt, cfg.method, cfg.optim, device, amp, graph=gmode)
-            step.schedule(10, 1000)
             name = f"b_fast(compile={mode}{'=auto' if requested == 'auto' else ''},graph={gmode})"
-            measure(name, step, xb, m, baselines=(a, c), channels_last=cl, optimizer=type(opt).__name__)
-            del m, step, opt, forward
-            torch._dynamo.reset()
+            yield name, functools.partial(fast, mode, gmode)
+
+
+def time_step(step, xs, model, reps: Reps, clock=None) -> tuple[Timing, float]:
+    """(timing, first call s): the first call (compilation) apart, ``reps.warmup`` warm-up steps, the
+    model's state restored, then the timed steps (CUDA events around each on a card)."""
+    clock = clock or kernel_clock()
+    state = copy.deepcopy(model.state_dict())
+    first = first_call_s(lambda: step(*xs))  # compilation, reported apart
+    warm(lambda: step(*xs), reps, clock=clock)  # the counted warm-ups
+    model.load_state_dict(state)  # restore the initial state before timing
+    t = time_ms(lambda: step(*xs), dataclasses.replace(reps, warmup=0), clock=clock)
+    return dataclasses.replace(t, warmup=reps.warmup), first
+
+
+def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), emit=None,
+             graph_modes=("off",), reps: Reps | None = None) -> list[dict]:
+    """Every variant of ``variants``, then the decisions; each row goes to ``emit`` as soon as it is measured."""
+    cuda = device.type == "cuda"
+    reps = reps or (TINY if tiny else STEP)
+    rows, base = [], {}
+    for name, build in variants(px, batch, device, tiny, compile_modes, graph_modes):
+        step, xs, model, extra = build()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t, first = time_step(step, xs, model, reps)
+        row = dict(px=px, batch=batch, variant=name, **t.row(), views_per_s=2 * batch / (t.ms * 1e-3),
+                   first_call_s=first, peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                   **extra)
+        if name in ("a_reference", "c_backbone_floor"):
+            base[name] = row["views_per_s"]
+        else:
+            row["b_over_a"], row["b_over_c"] = row["views_per_s"] / base["a_reference"], row["views_per_s"] / base[
+                "c_backbone_floor"]
+        rows.append(row)
+        if emit is not None:
+            emit(row)
+        del step, xs, model
+        torch._dynamo.reset()
+    for row in decisions(rows):
+        rows.append(row)
+        if emit is not None:
+            emit(row)
     return rows
+
+
+def _variant(name: str) -> tuple[str, str] | None:
+    """'b_fast(compile=default=auto,graph=on)' -> ('default', 'on')."""
+    if not name.startswith("b_fast("):
+        return None
+    kv = dict(part.split("=", 1) for part in name[len("b_fast("):-1].split(","))
+    return kv["compile"].split("=")[0], kv["graph"]
+
+
+def decide(setting: str, timed: dict[str, dict]) -> dict:
+    """The choice ``timed`` (option -> row with ms, p20, p80, samples) supports for ``setting``: the fastest
+    median, and only when its p80 is below every other option's p20 ('undecided' otherwise), with
+    the samples and spread it rests on."""
+    best = min(timed, key=lambda k: timed[k]["ms"])
+    clear = all(timed[best]["p80"] < r["p20"] for k, r in timed.items() if k != best)
+    return dict(decision=setting, choice=best if clear else "undecided", fastest=best,
+                rule="fastest median, its p80 below every other option's p20",
+                rests_on={k: {f: r[f] for f in ("ms", "p20", "p80", "samples", "warmup", "timer")} for k, r in timed.items()})
+
+
+def decisions(rows: list[dict]) -> list[dict]:
+    """One decision row per setting timed in more than one mode: train.graph (per compile mode) and
+    train.compile (per graph mode), at this case's size."""
+    if not rows:
+        return []
+    px, batch = rows[0]["px"], rows[0]["batch"]
+    fast = {v: r for r in rows if (v := _variant(r["variant"]))}
+    out = []
+    for comp in sorted({c for c, _ in fast}):
+        timed = {g: r for (c, g), r in fast.items() if c == comp}
+        if len(timed) > 1:
+            out.append(dict(px=px, batch=batch, variant=f"decision(train.graph, compile={comp})",
+                            **decide("train.graph", timed)))
+    for graph in sorted({g for _, g in fast}):
+        timed = {c: r for (c, g), r in fast.items() if g == graph}
+        if len(timed) > 1:
+            out.append(dict(px=px, batch=batch, variant=f"decision(train.compile, graph={graph})",
+                            **decide("train.compile", timed)))
+    return out
 
 
 def main(argv=None):
@@ -177,8 +250,13 @@ def main(argv=None):
                          graph_modes=tuple(a.graph_modes.split(",")))
         torch.cuda.empty_cache() if device.type == "cuda" else None
     print(header("training step", env))
-    print(markdown_table(rows, ["px", "batch", "variant", "ms", "p20", "p80", "views_per_s", "b_over_a", "b_over_c",
-                                "first_call_s", "peak_mem_gb"]))
+    print(markdown_table([r for r in rows if "decision" not in r],
+                         ["px", "batch", "variant", "ms", "p20", "p80", "samples", "views_per_s", "b_over_a", "b_over_c",
+                          "first_call_s", "peak_mem_gb"]))
+    dec = [dict(r, rests_on="; ".join(f"{k}: {v['ms']:.3g} ms [{v['p20']:.3g}, {v['p80']:.3g}] x{v['samples']}"
+                                      for k, v in r["rests_on"].items())) for r in rows if "decision" in r]
+    if dec:
+        print(markdown_table(dec, ["px", "batch", "decision", "choice", "rests_on"]))
     return rows
 
 

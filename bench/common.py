@@ -1,9 +1,11 @@
 """Shared benchmark plumbing: environment facts, timing, bandwidth, Markdown and JSON output.
 
-Every benchmark runs its baseline and ours in the same process on the same tensors. On CUDA the
-timer is ``triton.testing.do_bench`` (CUDA events; median with 20/80 quantiles, after warm-up).
-On a CPU (the tiny smoke runs CI makes, under TRITON_INTERPRET=1) a perf_counter median stands
-in, so the command is testable everywhere; CPU figures are never reported as results.
+Every benchmark runs its baseline and ours in the same process on the same tensors. Timing
+(``bench.timing``): warm-ups apart, then at least a stated number of timed repetitions and a
+stated timed duration per case; every row names its samples, warm-ups, clock and spread (median,
+p20, p80). On CUDA the clock is CUDA events; on a CPU (the tiny smoke runs CI makes, under
+TRITON_INTERPRET=1) perf_counter, so the command is testable everywhere; CPU figures of GPU cases
+are never reported as results.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from bench.timing import KERNEL, CudaEventClock, L2Flush, Reps, Timing, kernel_clock, time_ms  # noqa: F401
 
 # Vendor datasheet peak HBM bandwidth, GB/s (leads; the card's measured copy bandwidth is lower).
 PEAK_GBPS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
@@ -75,27 +78,6 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def time_ms(fn, *, warmup: int = 10, rep: int = 50, setup=None) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds of ``fn()``; ``setup()`` (untimed on CPU) restores state."""
-    if torch.cuda.is_available():
-        import triton.testing
-
-        if setup is not None:
-            setup()
-        q = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-        return tuple(float(x) for x in q)
-    times = []
-    for i in range(max(3, min(rep, 5)) + 1):
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        if i:  # the first call is warm-up
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return statistics.median(times), times[len(times) // 5], times[(4 * len(times)) // 5]
-
-
 def markdown_table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):
@@ -107,8 +89,9 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def gpu_time_ms(fn, *, setup=None, rep: int = 50) -> tuple[float | None, str]:
-    """(median ms, note): the GPU time of ``fn`` alone, replayed from a CUDA graph of one call.
+def gpu_time_ms(fn, *, setup=None, reps: Reps = KERNEL) -> tuple[Timing | None, str]:
+    """(timing, note): the GPU time of ``fn`` alone, replayed from a CUDA graph of one call, timed
+    with CUDA events at ``reps``' counts.
 
     The host-inclusive timing (``time_ms``) is what an eager loop pays; this is what remains when
     the call sits inside a captured training step. ``None`` without CUDA, or when the call cannot
@@ -116,8 +99,6 @@ def gpu_time_ms(fn, *, setup=None, rep: int = 50) -> tuple[float | None, str]:
     """
     if not torch.cuda.is_available():
         return None, "no CUDA"
-    import triton.testing
-
     try:
         if setup is not None:
             setup()
@@ -131,10 +112,27 @@ def gpu_time_ms(fn, *, setup=None, rep: int = 50) -> tuple[float | None, str]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        return float(triton.testing.do_bench(graph.replay, warmup=5, rep=rep, quantiles=[0.5, 0.2, 0.8])[0]), "graph replay"
+        return time_ms(graph.replay, reps, clock=CudaEventClock(), before_each=_flush()), "graph replay"
     except Exception as e:  # noqa: BLE001 - a provider that cannot be captured is reported, not fatal
         torch.cuda.synchronize()
         return None, f"not capturable: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+
+
+_L2 = []
+
+
+def _flush():
+    """One L2 flush buffer per process (256 MB on a card; None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    if not _L2:
+        _L2.append(L2Flush())
+    return _L2[0]
+
+
+def kernel_time(fn, reps: Reps = KERNEL, *, setup=None) -> Timing:
+    """Host-inclusive time of ``fn`` (CUDA events with an L2 flush on a card, perf_counter elsewhere)."""
+    return time_ms(fn, reps, setup=setup, clock=kernel_clock(), before_each=_flush())
 
 
 def first_call_s(fn) -> float:

@@ -1,19 +1,38 @@
-"""One prepared device run: correctness on CUDA first, then the benchmarks, under one time budget.
+"""The prepared device check: two calls of at most 9 minutes each, correctness first, every stage capped.
 
-    OUT=/path python -m bench.gpu_check [--budget-s 540] [--stages tests,cosine,...] [--cifar .gpu/cifar10-jpeg.tar.gz]
-    python -m bench.gpu_check --tiny --budget-s 240 --out /tmp/check   # the CPU test of this command
+    OUT=/path python -m bench.gpu_check --call kernels   # call 1: tests, tune, ema, lars, lamb, step, e2e_cifar
+    OUT=/path python -m bench.gpu_check --call data      # call 2: cosine, dali, jpegs, dali_tests, data, e2e_jpeg
+    python -m bench.gpu_check --plan                     # the plan (stages, caps, what each call carries), checked
+    python -m bench.gpu_check --tiny --call kernels --budget-s 600 --out /tmp/check   # the CPU test of this command
 
-Runs from the source tree on a bare device machine (no install, no network). Stages run in
-priority order (correctness first); each gets at most its own cap and what is left of the budget
-(less a reserve for the summary), and a stage that cannot get its minimum is skipped and said so.
-Every benchmark appends its JSON rows as each case ends, so a stage cut by its limit keeps what
-it measured; first-time compilation is reported apart (``first_call_s``), never in a timing.
+Runs from the source tree on a bare device machine (no install, no network). A device machine is
+lent for about 15 minutes in all (its start included), at most 10 minutes a command, and goes back
+after ~30 s idle; the tool carries at most 64 MiB per call, the working tree included. Hence the
+plan (``PLAN``; ``--plan`` prints it and checks it):
+
+- **call 1, ``kernels``** (540 s): CUDA correctness (the kernel, loss, step, evaluation and data
+  tests), the launch tuner, the EMA / LARS / LAMB benchmarks, the step grid and the end-to-end
+  CIFAR run. Carries the CIFAR tar (19.6 MB) in ``.gpu/``;
+- **call 2, ``data``** (540 s): the cosine-loss benchmark, the DALI bundle set up (``bench.dali_bundle install``, checked with a
+  GPU decode), the 4,096 benchmark JPEGs made once with every core, the DALI tests, the data-path
+  benchmark and the end-to-end JPEG-folder run. Carries the DALI bundle in ``.gpu/dali/``: one
+  part of 49 MiB (``bench.dali_bundle``: sm_90 code only, symbols stripped, what the JPEG path
+  never loads left out, xz -9e; the shared tool's bundle was three parts of up to 62 MiB). The
+  two calls share nothing, so call 2 does not depend on the machine staying warm; to run its
+  cosine stage with call 1's tuned launch settings, copy call 1's ``launch_table.json`` to
+  ``.gpu/launch_table.json`` and carry it too (else the defaults, and every row says which).
+
+The caps of a call's stages add up to at most its budget less a reserve (``check_plan``, tested on
+the CPU), so no stage is skipped for time another took; a stage still gets at most what is left.
+A stage that cannot measure what it exists for (no CUDA; DALI missing) fails without running,
+so the call fails. Every benchmark appends its JSON rows as each case ends, so a stage cut by its
+limit keeps what it measured; first-time compilation is reported apart (``first_call_s``).
 
 Leaves at most 6 files in OUT: ``env.txt`` (card, driver, versions), ``rows.jsonl`` (every row),
 ``summary.md`` (every figure against its goal, also printed), ``stages.json`` (each stage's exit
-code, seconds, and whether it was cut or skipped), ``logs.tar.gz`` (each stage's full log) and
-``launch_table.json`` (the ``tune`` stage's measured launch settings for this card, which every later
-stage uses; copy it to ``kernels/launch_table.json`` to make it the product's).
+code, seconds, and whether it was cut, skipped or could not measure), ``logs.tar.gz`` (each stage's
+full log) and ``launch_table.json`` (the ``tune`` stage's measured launch settings for this card,
+which the later stages use; copy it to ``kernels/launch_table.json`` to make it the product's).
 """
 
 from __future__ import annotations
@@ -30,7 +49,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESERVE_S = 10  # kept back from the budget for the summary and the bundle
+RESERVE_S = 15  # kept back from a call's budget: env.txt, the summary, the log bundle, Python start-up
+CALL_BUDGET_S = 540  # 9 minutes: a command may run 10, the rest is transfers and slack
+CARRY_MIB = 64  # what the device tool carries per call, the working tree included
+TREE_MIB = 1.0  # the working tree (0.7 MB at the time of writing; tests/test_bench.py checks it)
+CIFAR_MIB = 19.6  # ../shared/data/cifar10-jpeg.tar.gz
+TINY_TAR_MIB = 0.6  # .gpu/cifar-tiny.tar: 300 of its JPEGs, what tests/conftest.py extracts
+JPEGS = "/tmp/vssl_bench_jpegs"  # made once per machine, shared by data and e2e_jpeg
+DALI_CARRIED = ".gpu/dali"  # the bundle's parts, carried by call 2
+CARRIED_TABLE = ".gpu/launch_table.json"  # call 1's tuned launch settings, when copied there for call 2
+DALI_SITE = "/tmp"
 
 
 @dataclass
@@ -40,34 +68,131 @@ class Stage:
     min_s: int  # not started with less than this left
     cmd: list[str]
     tiny_cmd: list[str]
+    needs: tuple[str, ...] = ()  # "cuda", "dali": without it the stage cannot measure what it exists for
 
 
 def stages(out: Path, cifar: str) -> list[Stage]:
     rows = str(out / "rows.jsonl")
     py = [sys.executable]
     m = lambda mod, *a: py + ["-m", f"bench.{mod}", "--out", rows, *a]  # noqa: E731
+    pytest = py + ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
     kernel_tests = ["tests/kernels", "tests/test_losses.py", "tests/train/test_step.py", "tests/train/test_graph_step.py",
-                    "tests/train/test_gpu_config_on_cpu.py", "tests/train/test_evaluate.py"]
+                    "tests/train/test_gpu_config_on_cpu.py", "tests/train/test_evaluate.py", "tests/data"]
+    tiny_work = str(out / ".work")
     return [
         # the ahead-of-time compile check needs no GPU (CI runs it); here only what needs the card
-        Stage("tests", 200, 60, py + ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *kernel_tests,
-                                      "--ignore=tests/kernels/test_aot_compile.py"],
-              py + ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels/test_restore.py"]),
-        Stage("tune", 150, 60, py + ["-m", "bench.tune_launch", "--out", rows, "--table", str(out / "launch_table.json"),
-                                     "--budget", "120"],
-              py + ["-m", "bench.tune_launch", "--tiny", "--families", "ema", "--cap", "sm_00", "--out", rows,
-                    "--table", str(out / "launch_table.json")]),
-        Stage("ema", 60, 20, m("bench_ema"), m("bench_ema", "--tiny")),
-        Stage("lars", 60, 20, m("bench_lars"), m("bench_lars", "--tiny")),
-        Stage("lamb", 60, 20, m("bench_lamb"), m("bench_lamb", "--tiny")),
-        Stage("cosine", 120, 40, m("bench_cosine_loss"), m("bench_cosine_loss", "--tiny")),
-        Stage("step", 240, 90, m("bench_step", "--cases", "32x256,32x512,224x128,224x256", "--graph-modes", "off,on"),
-              m("bench_step", "--tiny")),
-        Stage("e2e", 180, 60, m("bench_e2e", "--cifar", cifar, "--work", "/tmp/vssl_e2e"),
-              m("bench_e2e", "--tiny", "--cifar", cifar, "--work", str(out / ".work" / "e2e"))),
-        Stage("data", 150, 60, m("bench_data", "--jpeg-dir", "/tmp/vssl_bench_jpegs"),
-              m("bench_data", "--tiny", "--jpeg-dir", str(out / ".work" / "jpegs"))),
+        Stage("tests", 150, 60, pytest + [*kernel_tests, "--ignore=tests/kernels/test_aot_compile.py"],
+              pytest + ["tests/kernels/test_restore.py"], ("cuda",)),
+        Stage("tune", 70, 30, m("tune_launch", "--table", str(out / "launch_table.json"), "--budget", "50"),
+              m("tune_launch", "--tiny", "--families", "ema", "--cap", "sm_00", "--table", str(out / "launch_table.json")),
+              ("cuda",)),
+        Stage("ema", 20, 10, m("bench_ema"), m("bench_ema", "--tiny"), ("cuda",)),
+        Stage("lars", 20, 10, m("bench_lars"), m("bench_lars", "--tiny"), ("cuda",)),
+        Stage("lamb", 25, 10, m("bench_lamb"), m("bench_lamb", "--tiny"), ("cuda",)),
+        Stage("cosine", 90, 30, m("bench_cosine_loss"), m("bench_cosine_loss", "--tiny"), ("cuda",)),
+        Stage("step", 150, 60, m("bench_step", "--cases", "32x256,32x512,224x128,224x256", "--graph-modes", "off,on"),
+              m("bench_step", "--tiny"), ("cuda",)),
+        # the step benchmark's row for the same size comes from the step stage when it got that far
+        Stage("e2e_cifar", 90, 45, m("bench_e2e", "--paths", "cifar_gpu", "--cifar", cifar, "--work", "/tmp/vssl_e2e",
+                                     "--step-rows", rows),
+              m("bench_e2e", "--tiny", "--paths", "cifar_gpu", "--cifar", cifar, "--work", tiny_work + "/e2e"), ("cuda",)),
+        Stage("dali", 30, 15, py + ["-m", "bench.dali_bundle", "install", DALI_CARRIED, "--dest", DALI_SITE, "--check"],
+              py + ["-c", "import nvidia.dali"], ("cuda",)),
+        Stage("jpegs", 30, 10, py + ["-m", "bench.bench_data", "--make-jpegs-only", "--jpeg-dir", JPEGS],
+              py + ["-m", "bench.bench_data", "--tiny", "--make-jpegs-only", "--jpeg-dir", tiny_work + "/jpegs"]),
+        Stage("dali_tests", 60, 30, pytest + ["tests/data", "-k", "dali"], pytest + ["tests/data/test_sources.py"],
+              ("cuda", "dali")),
+        Stage("data", 150, 90, m("bench_data", "--require-dali", "--jpeg-dir", JPEGS),
+              m("bench_data", "--tiny", "--jpeg-dir", tiny_work + "/jpegs"), ("cuda", "dali")),
+        # e2e_jpeg's --cifar is not read (the JPEG-folder run only): call 2 carries no CIFAR tar
+        Stage("e2e_jpeg", 150, 90, m("bench_e2e", "--paths", "jpeg_folder", "--cifar", cifar, "--jpeg-dir", JPEGS,
+                                     "--work", "/tmp/vssl_e2e"),
+              m("bench_e2e", "--tiny", "--paths", "jpeg_folder", "--cifar", cifar, "--jpeg-dir", tiny_work + "/jpegs",
+                "--work", tiny_work + "/e2e"), ("cuda", "dali")),
     ]
+
+
+# The two device calls: which stages, in priority order, and what each carries (MiB, the tree aside).
+PLAN = {
+    "kernels": {"stages": ["tests", "tune", "ema", "lars", "lamb", "step", "e2e_cifar"],
+                "carries": {"CIFAR tar": CIFAR_MIB}},
+    "data": {"stages": ["cosine", "dali", "jpegs", "dali_tests", "data", "e2e_jpeg"],
+             "carries": {"the tests' CIFAR extract": TINY_TAR_MIB}},
+}
+
+
+def dali_parts_mib(manifest: Path | None = None) -> list[float]:
+    """The DALI bundle's part sizes (MiB) from its manifest, if one was built (``bench.dali_bundle build``)."""
+    manifest = manifest or REPO / DALI_CARRIED / "manifest.json"
+    if not manifest.exists():
+        return []
+    return [v["bytes"] / 2**20 for v in json.loads(manifest.read_text())["parts"].values()]
+
+
+def prepare(cifar: Path) -> None:
+    """What the two calls carry, made here (git-ignored .gpu/): the CIFAR tar (call 1), the tests' tiny
+    extract of it (call 2: 20 + 10 JPEGs per class) and the DALI bundle (call 2)."""
+    import shutil
+
+    gpu = REPO / ".gpu"
+    gpu.mkdir(exist_ok=True)
+    if not (gpu / "cifar10-jpeg.tar.gz").exists():
+        shutil.copy(cifar, gpu / "cifar10-jpeg.tar.gz")
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import _make_tiny_tar  # the fixture's own extract, so the tests see the same images
+
+    _make_tiny_tar(gpu / "cifar-tiny.tar", 20, 10, src_tar=gpu / "cifar10-jpeg.tar.gz")
+    if not (REPO / DALI_CARRIED / "manifest.json").exists():
+        from bench.dali_bundle import build
+
+        build(REPO / DALI_CARRIED)
+    print("call 1: carry ['.gpu/cifar10-jpeg.tar.gz'], command: OUT=$OUT bash bench/gpu_check.sh kernels\n"
+          f"call 2: carry ['{DALI_CARRIED}', '.gpu/cifar-tiny.tar', '{CARRIED_TABLE}' (call 1's, if copied)], command: "
+          "OUT=$OUT bash bench/gpu_check.sh data")
+
+
+def check_plan(budget_s: float = CALL_BUDGET_S, caps: dict | None = None, parts_mib: list[float] | None = None) -> list[str]:
+    """Problems with the plan (none: it fits): every call's caps within its budget less the reserve,
+    every cap at least its stage's minimum, every stage in exactly one call, the carries within the
+    tool's limit."""
+    caps = caps or {}
+    by_name = {s.name: s for s in stages(Path("/tmp/plan"), ".gpu/cifar10-jpeg.tar.gz")}
+    problems = []
+    planned = [n for call in PLAN.values() for n in call["stages"]]
+    if sorted(planned) != sorted(by_name):
+        problems.append(f"stages in no call or in two: {sorted(set(by_name) ^ set(planned))}")
+    for call, spec in PLAN.items():
+        total = sum(caps.get(n, by_name[n].cap_s) for n in spec["stages"])
+        if total + RESERVE_S > budget_s:
+            problems.append(f"call {call}: caps add up to {total} s + {RESERVE_S} s reserve > {budget_s:.0f} s")
+        for n in spec["stages"]:
+            if caps.get(n, by_name[n].cap_s) < by_name[n].min_s:
+                problems.append(f"call {call}: {n}'s cap is under its minimum {by_name[n].min_s} s")
+        if budget_s > CALL_BUDGET_S:
+            problems.append(f"call {call}: a budget of {budget_s:.0f} s leaves no slack in a 600 s command")
+    for call, spec in PLAN.items():  # call 2 carries the DALI bundle
+        load = TREE_MIB + sum(spec["carries"].values()) + (sum(parts_mib or []) if call == "data" else 0)
+        if load > CARRY_MIB:
+            problems.append(f"call {call} carries {load:.1f} MiB > {CARRY_MIB} MiB (the tool's limit per call)")
+    return problems
+
+
+def describe_plan(parts_mib: list[float]) -> str:
+    by_name = {s.name: s for s in stages(Path("$OUT"), ".gpu/cifar10-jpeg.tar.gz")}
+    lines = []
+    for k, (call, spec) in enumerate(PLAN.items(), 1):
+        total = sum(by_name[n].cap_s for n in spec["stages"])
+        carry = dict(spec["carries"])
+        if call == "data" and parts_mib:
+            carry[f"the DALI bundle in {DALI_CARRIED}/ ({len(parts_mib)} part{'s' if len(parts_mib) > 1 else ''})"] = round(
+                sum(parts_mib), 1)
+        lines.append(f"call {k} ({call}): {total} s of caps + {RESERVE_S} s reserve <= {CALL_BUDGET_S} s; carries "
+                     f"the tree ({TREE_MIB} MiB)" + "".join(f", {n} ({v} MiB)" for n, v in carry.items()))
+        lines += [f"  {n}: cap {by_name[n].cap_s} s" + (f", needs {'+'.join(by_name[n].needs)}" if by_name[n].needs else "")
+                  for n in spec["stages"]]
+    if not parts_mib:
+        lines.append(f"DALI bundle: not built here (python -m bench.dali_bundle build {DALI_CARRIED}); without it call 2 fails")
+    return "\n".join(lines)
 
 
 # (bench, row filter, figure, goal as (op, value)): the issues' targets
@@ -158,60 +283,108 @@ def _env_text() -> str:
     return "\n".join(out) + f"\ndate {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
 
 
-def main(argv=None) -> int:
+def _needs_met(needs: tuple[str, ...], env: dict, runner) -> str:
+    """'' when every need is there, else what is missing (checked in a child with the stages' environment)."""
+    checks = {"cuda": "import torch; assert torch.cuda.is_available(), 'no CUDA device'",
+              "dali": "import torch, nvidia.dali"}
+    for need in needs:
+        rc, text = runner([sys.executable, "-c", checks[need]], env, 120)
+        if rc != 0:
+            last = (text.strip().splitlines() or ["?"])[-1]
+            return f"needs {need.upper() if need == 'cuda' else 'DALI'} ({last[:160]})"
+    return ""
+
+
+def run_subprocess(cmd: list[str], env: dict, timeout: float) -> tuple[int | None, str]:
+    """(exit code, output) of ``cmd``; (None, output so far) when cut at ``timeout``."""
+    try:
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        return None, _text(e.stdout) + _text(e.stderr)
+
+
+def main(argv=None, *, runner=run_subprocess, clock=time.monotonic, extra_stages: list[Stage] = ()) -> int:
+    """``runner(cmd, env, timeout) -> (rc or None when cut, text)`` and ``clock`` are the tests' seams."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget-s", type=float, default=540, help="total seconds for every stage together (default 9 min)")
-    ap.add_argument("--stages", default="tests,tune,ema,lars,lamb,cosine,step,e2e,data",
-                    help="a subset, run in priority order")
+    ap.add_argument("--call", choices=sorted(PLAN), default=None, help="one of the plan's two device calls")
+    ap.add_argument("--budget-s", type=float, default=CALL_BUDGET_S, help="seconds for the call's stages together")
+    ap.add_argument("--stages", default=None, help="a subset (default: the call's), run in priority order")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--cifar", default=".gpu/cifar10-jpeg.tar.gz",
                     help="the CIFAR-10 JPEG tar, carried into a git-ignored folder")
-    ap.add_argument("--tiny", action="store_true", help="tiny stages: the CPU test of this command")
+    ap.add_argument("--tiny", action="store_true", help="tiny stages, needs not enforced: the CPU test of this command")
     ap.add_argument("--cap", action="append", default=[], metavar="STAGE=SECONDS", help="override a stage's cap")
+    ap.add_argument("--plan", action="store_true", help="print the plan, check it, and exit (1 if it does not fit)")
+    ap.add_argument("--prepare", metavar="CIFAR_TAR", default=None,
+                    help="here, before the calls: copy the CIFAR tar into .gpu/, write the tests' tiny extract, build "
+                         "the DALI bundle into .gpu/dali (minutes, once), print the plan")
     a = ap.parse_args(argv)
-    t_start = time.monotonic()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "env.txt").write_text(_env_text())
-    wanted = a.stages.split(",")
-    unknown = set(wanted) - {s.name for s in stages(out, a.cifar)}
-    if unknown:
-        ap.error(f"unknown stages {sorted(unknown)}")
     caps = {}
     for c in a.cap:
         name, _, secs = c.partition("=")
         caps[name] = float(secs)
+    if a.prepare:
+        prepare(Path(a.prepare))
+    if a.plan or a.prepare:
+        parts = dali_parts_mib()
+        print(describe_plan(parts))
+        problems = check_plan(a.budget_s, caps, parts)
+        print("\n".join(problems) if problems else "the plan fits")
+        return 1 if problems else 0
+    t_start = clock()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "env.txt").write_text(_env_text())
+    all_stages = [*stages(out, a.cifar), *extra_stages]
+    known = {st.name for st in all_stages}
+    if a.stages is not None:
+        wanted = [x for x in a.stages.split(",") if x]
+    elif a.call is not None:
+        wanted = PLAN[a.call]["stages"]
+    else:
+        ap.error("--call kernels|data (the plan's two device calls) or --stages")
+    unknown = set(wanted) - known
+    if unknown:
+        ap.error(f"unknown stages {sorted(unknown)}")
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if "tune" in wanted:  # this run's measurement only: never a table left in OUT by an earlier run
         (out / "launch_table.json").unlink(missing_ok=True)
+    elif (REPO / CARRIED_TABLE).exists():  # call 1's table, carried into call 2 (rows say which: 'launch')
+        env["VSSL_LAUNCH_TABLE"] = str(REPO / CARRIED_TABLE)
     if a.tiny:
         env.setdefault("TRITON_INTERPRET", "0" if _has_cuda() else "1")
+    if not a.tiny and Path(DALI_SITE, "dalisite", "nvidia", "dali").is_dir():  # set up by an earlier call's dali stage
+        env = _with_dali(env)
     info, logs = [], {}
-    for st in stages(out, a.cifar):
+    for st in all_stages:
         if st.name not in wanted:
             continue
-        left = a.budget_s - (time.monotonic() - t_start) - RESERVE_S
+        left = a.budget_s - (clock() - t_start) - RESERVE_S
         limit = min(caps.get(st.name, st.cap_s), left)
         if limit < (1 if a.tiny else st.min_s):
             info.append(dict(stage=st.name, note=f"skipped: {left:.0f} s left, needs {st.min_s}"))
             print(f"== {st.name}: skipped ({left:.0f} s left)", flush=True)
             continue
+        missing = "" if a.tiny else _needs_met(st.needs, env, runner)
+        if missing:  # it could not measure what it exists for: a failure, not a quiet 'not measured'
+            info.append(dict(stage=st.name, rc=3, seconds=0.0, note=f"cannot measure: {missing}"))
+            print(f"== {st.name}: cannot measure: {missing}", flush=True)
+            continue
         print(f"== {st.name} (limit {limit:.0f} s)", flush=True)
-        t0 = time.monotonic()
-        try:
-            p = subprocess.run(st.tiny_cmd if a.tiny else st.cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                               timeout=limit)
-            rc, text, note = p.returncode, p.stdout + p.stderr, ""
-        except subprocess.TimeoutExpired as e:
-            rc, note = None, f"cut at its {limit:.0f} s limit (rows it wrote are kept)"
-            text = _text(e.stdout) + _text(e.stderr)
-        secs = time.monotonic() - t0
+        t0 = clock()
+        rc, text = runner(st.tiny_cmd if a.tiny else st.cmd, env, limit)
+        note = f"cut at its {limit:.0f} s limit (rows it wrote are kept)" if rc is None else ""
+        secs = clock() - t0
         logs[st.name] = text
-        info.append(dict(stage=st.name, rc=rc, seconds=secs, note=note or ("ok" if rc == 0 else "failed: see its log")))
+        info.append(dict(stage=st.name, rc=rc, seconds=secs, cap_s=caps.get(st.name, st.cap_s),
+                         note=note or ("ok" if rc == 0 else "failed: see its log")))
         print(f"   rc={rc} {secs:.0f} s {note}\n" + "\n".join(text.splitlines()[-12:]), flush=True)
         if st.name == "tune" and (out / "launch_table.json").exists():
             # the stages after it launch with the settings it measured (rows say which: 'launch')
             env["VSSL_LAUNCH_TABLE"] = str(out / "launch_table.json")
+        if st.name == "dali" and rc == 0 and not a.tiny:
+            env = _with_dali(env)  # the later stages import the bundle
     rows_path = out / "rows.jsonl"
     rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()] if rows_path.exists() else []
     summary = summarize(rows, info)
@@ -225,7 +398,13 @@ def main(argv=None) -> int:
             tar.addfile(ti, io.BytesIO(data))
     _remove_tree(out / ".work")
     print(summary, flush=True)
-    return 0 if all(s.get("rc") == 0 for s in info if "rc" in s) else 1
+    return 0 if all(s.get("rc") == 0 for s in info) else 1  # a stage skipped, cut, failed or unable to measure fails the call
+
+
+def _with_dali(env: dict) -> dict:
+    from bench.dali_bundle import env_for, merged_env
+
+    return merged_env(env, env_for(Path(DALI_SITE) / "dalisite"))
 
 
 def _text(x) -> str:

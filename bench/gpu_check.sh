@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One prepared device run (see bench/gpu_check.py): correctness on CUDA first, then every benchmark,
-# under one total budget in seconds (default 540 = 9 min); at most 6 files land in $OUT.
-# On the device machine, from the repo root, with the CIFAR tar carried into .gpu/ (git-ignored):
-#   bash bench/gpu_check.sh                 # everything, 540 s
-#   bash bench/gpu_check.sh 300 tests,step  # a budget and a subset of stages
+# The prepared device check (see bench/gpu_check.py; `python -m bench.gpu_check --plan` prints the plan):
+# two calls of at most 540 s each, correctness first, every stage capped; at most 6 files land in $OUT.
+# On the device machine, from the repo root:
+#   bash bench/gpu_check.sh kernels        # call 1: carries .gpu/cifar10-jpeg.tar.gz (+ DALI part(s) in .gpu/dali)
+#   bash bench/gpu_check.sh data           # call 2, next, while the machine is warm: carries .gpu/dali
+#   bash bench/gpu_check.sh kernels 300 tests,step   # a budget and a subset of stages
 set -u
-exec python -m bench.gpu_check --budget-s "${1:-540}" ${2:+--stages "$2"} --out "${OUT:-bench/results}"
+exec python -m bench.gpu_check --call "${1:?usage: gpu_check.sh kernels|data [budget_s] [stages]}" \
+  --budget-s "${2:-540}" ${3:+--stages "$3"} --out "${OUT:-bench/results}"

@@ -12,8 +12,11 @@ machine without CUDA the host-inclusive time, which only tests the plumbing):
 - ``lars``, ``lamb``: a step over its parameters (86 tensors, 28.1M);
 - ``cosine``: the fused KL+sample and LL, forward+backward, at (B, d) = (256, 256) and (8192, 2048).
 
-A candidate's score is the sum over its workloads of its time relative to the default's, so the
-default is always measured (first) and a winner must beat it. Rows go to ``--out`` as each candidate
+A candidate's score is the sum over its workloads of its median time relative to the default's;
+the default is always measured (first) and a candidate replaces it only when it is faster beyond
+the spread on every workload (its p80 below the default's p20). Each timing: 5 warm-ups, at least
+20 repetitions and 0.2 s (``TUNE``); every candidate's median, p20, p80 and sample count are kept
+in the table's provenance. Rows go to ``--out`` as each candidate
 ends, so a cut run keeps what it measured; the table is updated after each family with the best
 setting so far, every timing, and provenance (card, capability, torch/triton versions, date,
 command, whether every candidate ran). Kernels read it at their next table build
@@ -31,10 +34,14 @@ from pathlib import Path
 import torch
 from vssl_fast.kernels import launch
 
-from bench.common import RowSink, bench_device, env_info, gpu_time_ms, model_param_set, time_ms
+from bench.common import RowSink, bench_device, env_info, gpu_time_ms, kernel_time, model_param_set
+from bench.timing import TINY, Reps, Timing
 from vssl_fast import kernels as K
 
 FAMILIES = ("lamb", "lars", "ema", "cosine", "restore")  # priority order: the largest gaps first
+# per candidate and workload: graph replays of 10-500 us, so 0.2 s is hundreds to thousands of samples; the
+# tuner's time goes to compiling each candidate
+TUNE = Reps(warmup=5, min_reps=20, min_time_s=0.2)
 
 
 def multi_tensor_candidates(tiny: bool) -> list[dict]:
@@ -102,22 +109,29 @@ def workloads(family: str, device, tiny: bool) -> dict:
     return {f"{family} step": (lambda: opt.step(skip=flag), None)}
 
 
-def measure(fn, setup) -> tuple[float, str]:
-    ms, how = gpu_time_ms(fn, setup=setup)
-    if ms is None:  # no CUDA (the plumbing only), or a call that cannot be captured: the reason is kept
-        ms, _, _ = time_ms(fn, setup=setup, warmup=1, rep=3)
+def measure(fn, setup, reps: Reps = TUNE) -> tuple[Timing, str]:
+    t, how = gpu_time_ms(fn, setup=setup, reps=reps)
+    if t is None:  # no CUDA (the plumbing only), or a call that cannot be captured: the reason is kept
+        t = kernel_time(fn, reps, setup=setup)
         how = f"host-inclusive ({how})"
-    return ms, how
+    return t, how
 
 
-def tune_family(family: str, device, tiny: bool, deadline: float, sink: RowSink) -> dict:
+def _beats(cand: dict, base: dict) -> bool:
+    """A candidate replaces the default only when it is faster beyond the spread on every workload
+    (its p80 below the default's p20), never on medians alone."""
+    return all(cand[n]["p80"] < base[n]["p20"] for n in base)
+
+
+def tune_family(family: str, device, tiny: bool, deadline: float, sink: RowSink, reps: Reps | None = None) -> dict:
+    reps = reps or (TINY if tiny else TUNE)
     cands = cosine_candidates(tiny) if family == "cosine" else multi_tensor_candidates(tiny)
     loads = workloads(family, device, tiny)
     base: dict = {}
     base_how: dict = {}
     results = []
     for cand in cands:
-        if time.monotonic() > deadline:
+        if time.monotonic() >= deadline:
             break
         times, hows = {}, {}
         with launch.override(**{family: cand}):
@@ -127,22 +141,27 @@ def tune_family(family: str, device, tiny: bool, deadline: float, sink: RowSink)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 first = time.perf_counter() - t0
-                ms, how = measure(fn, setup)
-                times[name] = ms
-                sink.emit(dict(family=family, workload=name, **cand, ms=ms, timing=how, first_call_s=first))
+                t, how = measure(fn, setup, reps)
+                times[name] = {k: getattr(t, k) for k in ("ms", "p20", "p80", "samples", "warmup")}
+                sink.emit(dict(family=family, workload=name, **cand, **t.row(), timing=how, first_call_s=first))
                 hows[name] = how
         if not base:
             base, base_how = times, dict(hows)
         # a candidate timed another way than the default (not capturable) cannot be compared
         comparable = hows == base_how
-        score = sum(times[n] / base[n] for n in times) if comparable else float("inf")
-        results.append({"settings": cand, "score": score, "ms": times, "timing": hows})
+        score = sum(times[n]["ms"] / base[n]["ms"] for n in times) if comparable else float("inf")
+        results.append({"settings": cand, "score": score, "ms": {n: v["ms"] for n, v in times.items()}, "timings": times,
+                        "timing": hows, "beats_default": comparable and results != [] and _beats(times, base)})
     if not results:
         return {}
-    best = min(results, key=lambda r: r["score"])
+    # the default (first) unless a candidate is faster beyond the spread; then the best such by median score
+    winners = [r for r in results[1:] if r["beats_default"]]
+    best = min(winners, key=lambda r: r["score"]) if winners else results[0]
     graph = all(h == "graph replay" for h in base_how.values())
     return {"best": best["settings"], "score_vs_default": best["score"] / len(loads),
             "complete": len(results) == len(cands), "graph_timed": graph,
+            "samples": {"warmup": reps.warmup, "min_reps": reps.min_reps, "min_time_s": reps.min_time_s},
+            "rule": "the default unless a candidate's p80 is below the default's p20 on every workload",
             "note": "" if graph or device.type != "cuda" else f"the default was not timed from a CUDA graph: {base_how}",
             "candidates": results}
 

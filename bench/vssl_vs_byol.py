@@ -37,7 +37,7 @@ def main(argv=None):
     base = ["--preset", "smoke" if a.tiny else "cifar10", f"--data.path={a.cifar}", f"--train.epochs={a.epochs}",
             f"--eval.knn_every_epochs={a.epochs}", "--log.progress=false", "--train.seed=5", *a.extra]
     if a.tiny:
-        base += ["--data.train_subset=256", "--data.val_subset=128", "--train.batch_size=32",
+        base += ["--data.train_subset=64", "--data.val_subset=64", "--train.batch_size=16",
                  "--method.proj_hidden_dim=64", "--method.pred_hidden_dim=64", "--method.denoiser_hidden_dim=64",
                  "--method.proj_output_dim=16"]
     runs = [("vssl", 1), ("byol", 1)] + ([("vssl", 2)] if a.repeat else [])

@@ -31,13 +31,21 @@ def kernel_device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
-SHARED_TAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TAR = REPO / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# On a device machine ../shared does not travel: the device check carries the archive (call 1) or
+# the tiny extract the tests use (call 2, ``python -m bench.gpu_check --prepare``) into .gpu/.
+CIFAR_SOURCES = [SHARED_TAR, REPO / ".gpu" / "cifar10-jpeg.tar.gz", REPO / ".gpu" / "cifar-tiny.tar"]
 
 
-def _make_tiny_tar(dst: Path, per_class_train: int, per_class_test: int) -> Path:
+def cifar_source() -> Path | None:
+    return next((p for p in CIFAR_SOURCES if p.exists()), None)
+
+
+def _make_tiny_tar(dst: Path, per_class_train: int, per_class_test: int, src_tar: Path | None = None) -> Path:
     """A small class-folder tar of real CIFAR-10 JPEGs taken from the shared archive."""
     counts: dict = {}
-    with tarfile.open(SHARED_TAR) as src, tarfile.open(dst, "w") as out:
+    with tarfile.open(src_tar or cifar_source()) as src, tarfile.open(dst, "w") as out:
         for m in src:
             parts = Path(m.name).parts
             if not m.isfile() or len(parts) < 4:
@@ -54,6 +62,6 @@ def _make_tiny_tar(dst: Path, per_class_train: int, per_class_test: int) -> Path
 @pytest.fixture(scope="session")
 def cifar_tiny_tar(tmp_path_factory):
     """20 train + 10 test real JPEGs per class (200 + 100), as cifar10-jpeg/{train,test}/<class>/*.jpg."""
-    if not SHARED_TAR.exists():
+    if cifar_source() is None:
         pytest.skip(f"needs the CIFAR-10 JPEG archive at {SHARED_TAR} (the project's shared data)")
     return _make_tiny_tar(tmp_path_factory.mktemp("cifar") / "cifar-tiny.tar", 20, 10)

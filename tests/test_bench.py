@@ -20,6 +20,9 @@ def test_bench_tiny_runs_and_writes_rows(name, tmp_path, capsys):
     want = {"fused", "eager", "compiled"} if name == "bench_cosine_loss" else {"ours", base}
     assert want <= {r["provider"] for r in timed}
     assert all(r["ms"] > 0 for r in timed)
+    # every figure names what it rests on: --tiny is 1 warm-up and 3 timed repetitions (bench.timing.TINY)
+    assert all((r["samples"], r["warmup"], r["timer"]) == (3, 1, "perf_counter") and r["p20"] <= r["ms"] <= r["p80"]
+               for r in timed)
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == len(rows)
     for r in lines:
@@ -27,13 +30,30 @@ def test_bench_tiny_runs_and_writes_rows(name, tmp_path, capsys):
 
 
 def test_bench_data_tiny(tmp_path, capsys):
+    import multiprocessing
+
     from bench import bench_data
 
     rows = bench_data.main(["--tiny", "--jpeg-dir", str(tmp_path / "j"), "--out", str(tmp_path / "rows.jsonl")])
     paths = {r["path"]: r for r in rows}
     assert paths["cifar_device"]["img_per_s"] > 0 and paths["torchvision_cpu_baseline"]["img_per_s"] > 0
+    timed = [r for r in rows if r.get("img_per_s")]
+    assert all((r["batches"], r["warmup_batches"]) == (3, 1) and r["children_left"] == 0 for r in timed)
+    assert multiprocessing.active_children() == []  # every path's workers were shut down
     sizes = [p.stat().st_size for p in (tmp_path / "j" / "train").rglob("*.jpg")]
     assert len(sizes) == 32 and 40_000 < sum(sizes) / len(sizes) < 120_000  # photo-like 500x375 JPEGs
+
+
+def test_benchmark_jpegs_are_made_in_parallel_once_and_deterministically(tmp_path):
+    from bench.bench_data import make_jpegs
+
+    a = make_jpegs(tmp_path / "a", 6, size=(64, 48), procs=2)
+    b = make_jpegs(tmp_path / "b", 6, size=(64, 48), procs=1)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.jpg"))
+    assert len(files) == 6 and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    stamp = {f: (a / f).stat().st_mtime_ns for f in files}
+    make_jpegs(tmp_path / "a", 8, size=(64, 48))  # the data and e2e benchmarks share one folder: only the missing are made
+    assert all((a / f).stat().st_mtime_ns == stamp[f] for f in files) and len(list(a.rglob("*.jpg"))) == 8
 
 
 def test_bench_step_tiny(tmp_path):
@@ -47,9 +67,14 @@ def test_bench_step_tiny(tmp_path):
     assert variants[0] == "a_reference" and variants[1] == "c_backbone_floor" and variants[2].startswith("b_fast")
     fast = rows[2]
     assert fast["channels_last"] is True and fast["optimizer"] == "FusedLARS"
-    assert fast["b_over_a"] > 0 and fast["b_over_c"] > 0 and all(r["views_per_s"] > 0 for r in rows)
-    assert all(r["first_call_s"] > 0 for r in rows)
-    assert [r["variant"] for r in rows[2:]] == ["b_fast(compile=none=auto,graph=off)", "b_fast(compile=none=auto,graph=static)"]
+    timed = rows[:4]
+    assert fast["b_over_a"] > 0 and fast["b_over_c"] > 0 and all(r["views_per_s"] > 0 for r in timed)
+    assert all(r["first_call_s"] > 0 and (r["samples"], r["warmup"]) == (3, 1) for r in timed)
+    assert [r["variant"] for r in rows[2:]] == ["b_fast(compile=none=auto,graph=off)", "b_fast(compile=none=auto,graph=static)",
+                                                "decision(train.graph, compile=none)"]
+    decision = rows[-1]  # what train.graph=auto would rest on: both modes' samples and spread
+    assert decision["decision"] == "train.graph" and set(decision["rests_on"]) == {"off", "static"}
+    assert all(v["samples"] == 3 for v in decision["rests_on"].values())
     written = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["variant"] for r in written] == variants  # every row on disk, in the order measured
 
@@ -60,8 +85,16 @@ def test_e2e_and_vssl_vs_byol_commands_tiny(cifar_tiny_tar, tmp_path, monkeypatc
     # the train.py subprocesses run the CPU reference path, not the (slow) Triton interpreter
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
-    rows = bench_e2e.main(["--tiny", "--cifar", str(cifar_tiny_tar), "--work", str(tmp_path / "e2e"), "--out", ""])
+    # the step benchmark's row at 32 px comes from a rows file (as gpu_check's step stage leaves it); 64 px is timed here
+    step_rows = tmp_path / "step.jsonl"
+    step_rows.write_text(json.dumps({"bench": "step", "px": 32, "batch": 8, "variant": "b_fast(compile=none=auto,graph=off)",
+                                     "views_per_s": 100.0}) + "\n")
+    rows = bench_e2e.main(["--tiny", "--cifar", str(cifar_tiny_tar), "--work", str(tmp_path / "e2e"), "--out", "",
+                           "--step-rows", str(step_rows)])
     assert {r["path"] for r in rows} == {"cifar_gpu", "jpeg_folder"} and all(r["train_views_per_s"] > 0 for r in rows)
+    by = {r["path"]: r for r in rows}
+    assert by["cifar_gpu"]["step_bench_views_per_s"] == 100.0 and by["cifar_gpu"]["step_bench_from"] == "step stage"
+    assert by["jpeg_folder"]["step_bench_from"] == "timed here" and by["jpeg_folder"]["step_bench_views_per_s"] > 0
     rows, summary = vssl_vs_byol.main(["--tiny", "--cifar", str(cifar_tiny_tar), "--epochs", "1",
                                        "--work", str(tmp_path / "cmp"), "--out", "", f"--data.cache_dir={tmp_path / 'c'}"])
     assert [r["method"] for r in rows] == ["vssl", "byol", "vssl"]
@@ -72,19 +105,18 @@ def test_e2e_and_vssl_vs_byol_commands_tiny(cifar_tiny_tar, tmp_path, monkeypatc
     assert summary["vssl_repeat_spread_online"] == 0.0  # same seed, same CPU: identical
 
 
-def test_gpu_check_runs_stages_under_one_budget_and_leaves_few_files(tmp_path):
-    """The device command end to end on the CPU with tiny stages: priority order, a stage cut by its
-    limit recorded as cut, a stage without budget skipped, the summary against every goal, <= 8 files."""
+def test_gpu_check_runs_real_tiny_stages_and_leaves_few_files(tmp_path):
+    """The device command end to end on the CPU with tiny stages, in priority order, each stage's
+    rows on disk, the summary against every goal, <= 6 files. The caps here are hang guards (600 s
+    for stages that take seconds): budgets and cuts are tested on a fake clock below."""
     from bench import gpu_check
 
     out = tmp_path / "out"
-    rc = gpu_check.main(["--tiny", "--budget-s", "240", "--stages", "tests,tune,ema,step", "--cap", "step=2",
-                         "--out", str(out)])
-    assert rc == 1  # the cut stage makes the run incomplete
+    guards = [a for st in ("tests", "tune", "ema") for a in ("--cap", f"{st}=600")]
+    rc = gpu_check.main(["--tiny", "--budget-s", "3600", "--stages", "tests,tune,ema", *guards, "--out", str(out)])
+    assert rc == 0
     stages = {s["stage"]: s for s in json.loads((out / "stages.json").read_text())}
-    assert list(stages) == ["tests", "tune", "ema", "step"]
-    assert stages["tests"]["rc"] == 0 and stages["tune"]["rc"] == 0 and stages["ema"]["rc"] == 0
-    assert stages["step"]["rc"] is None and "cut" in stages["step"]["note"]
+    assert list(stages) == ["tests", "tune", "ema"] and all(s["rc"] == 0 for s in stages.values())
     rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
     assert {r["bench"] for r in rows} == {"tune_launch", "ema"} and all("first_call_s" in r for r in rows)
     assert {r["launch"] for r in rows} == {"interpreter"}  # every row says which launch settings it ran with
@@ -93,10 +125,117 @@ def test_gpu_check_runs_stages_under_one_budget_and_leaves_few_files(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert files == ["env.txt", "launch_table.json", "logs.tar.gz", "rows.jsonl", "stages.json", "summary.md"]
 
-    out2 = tmp_path / "out2"
-    gpu_check.main(["--tiny", "--budget-s", "5", "--stages", "ema", "--out", str(out2)])
-    (only,) = json.loads((out2 / "stages.json").read_text())
-    assert only["stage"] == "ema" and only["note"].startswith("skipped")
+
+class _FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def _fake_runner(gpu_check, out, clock, durations, needs_rc=0, calls=None):
+    """Stages that take ``durations[name]`` fake seconds (cut when over their limit); needs checks answer ``needs_rc``."""
+    names = {}
+    for st in gpu_check.stages(out, ".gpu/cifar10-jpeg.tar.gz"):
+        names[tuple(st.cmd)], names[tuple(st.tiny_cmd)] = st.name, st.name
+
+    def runner(cmd, env, timeout):
+        if tuple(cmd) not in names:  # a needs check (python -c 'import torch; assert cuda')
+            return needs_rc, "" if needs_rc == 0 else "AssertionError: no CUDA device"
+        name = names[tuple(cmd)]
+        if calls is not None:
+            calls.append((name, timeout))
+        if durations[name] > timeout:
+            clock.t += timeout
+            return None, f"{name} partial"
+        clock.t += durations[name]
+        return 0, f"{name} ok"
+
+    return runner
+
+
+def test_gpu_check_budget_cuts_and_skips_on_a_fake_clock(tmp_path):
+    """A stage over its cap is cut and recorded so, a stage without budget is skipped, either fails the run."""
+    from bench import gpu_check
+
+    out, clock = tmp_path / "out", _FakeClock()
+    runner = _fake_runner(gpu_check, out, clock, {"tests": 30, "tune": 20, "ema": 10, "step": 50})
+    rc = gpu_check.main(["--tiny", "--budget-s", "240", "--stages", "tests,tune,ema,step", "--cap", "step=2",
+                         "--out", str(out)], runner=runner, clock=clock)
+    assert rc == 1  # the cut stage makes the run incomplete
+    stages = {s["stage"]: s for s in json.loads((out / "stages.json").read_text())}
+    assert list(stages) == ["tests", "tune", "ema", "step"]
+    assert [stages[n]["rc"] for n in ("tests", "tune", "ema")] == [0, 0, 0] and stages["ema"]["seconds"] == 10
+    assert stages["step"]["rc"] is None and "cut at its 2 s limit" in stages["step"]["note"]
+
+    out2, clock2 = tmp_path / "out2", _FakeClock()
+    clock2.t = 0.0
+    rc = gpu_check.main(["--tiny", "--budget-s", "100", "--stages", "tests,ema", "--out", str(out2)],
+                        runner=_fake_runner(gpu_check, out2, clock2, {"tests": 90, "ema": 1}), clock=clock2)
+    info = json.loads((out2 / "stages.json").read_text())
+    assert rc == 1 and info[0]["rc"] is None and info[1]["note"].startswith("skipped")  # 100 - 15 reserve: tests cut at 85
+
+
+@pytest.mark.parametrize("call", ["kernels", "data"])
+def test_the_planned_caps_fit_each_call_at_the_default_budget(tmp_path, call):
+    """Each call's stages at their full caps (every one cut at its limit) still all start with their whole cap."""
+    from bench import gpu_check
+
+    assert gpu_check.check_plan() == []
+    out, clock, calls = tmp_path / "out", _FakeClock(), []
+    caps = {s.name: s.cap_s for s in gpu_check.stages(out, "")}
+    runner = _fake_runner(gpu_check, out, clock, {n: 10 * c for n, c in caps.items()}, calls=calls)
+    rc = gpu_check.main(["--tiny", "--call", call, "--out", str(out)], runner=runner, clock=clock)
+    assert rc == 1 and [n for n, _ in calls] == gpu_check.PLAN[call]["stages"]
+    assert all(limit == caps[n] for n, limit in calls)  # nothing squeezed or skipped by another stage's time
+    assert clock.t + gpu_check.RESERVE_S <= gpu_check.CALL_BUDGET_S <= 540
+
+
+def test_the_plan_check_catches_caps_over_budget_and_carries_over_the_limit():
+    from bench import gpu_check
+
+    assert any("caps add up" in p for p in gpu_check.check_plan(caps={"step": 400}))
+    assert any("under its minimum" in p for p in gpu_check.check_plan(caps={"data": 10}))
+    assert gpu_check.check_plan(parts_mib=[49.0]) == []  # the pruned bundle as built on 2026-12-01
+    assert any("call data carries" in p for p in gpu_check.check_plan(parts_mib=[62.0, 62.0, 40.0]))  # the shared tool's
+
+
+def test_the_working_tree_fits_beside_what_the_device_calls_carry():
+    """The plan counts the tree at TREE_MIB beside the CIFAR tar and the DALI parts."""
+    import subprocess
+
+    from bench import gpu_check
+
+    try:
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=gpu_check.REPO, capture_output=True, text=True,
+                               timeout=60, check=True).stdout.split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    size = sum((gpu_check.REPO / f).stat().st_size for f in files if f and (gpu_check.REPO / f).is_file())
+    assert size < gpu_check.TREE_MIB * 2**20, f"the tree is {size / 2**20:.2f} MiB: raise TREE_MIB and re-check the plan"
+
+
+def test_a_stage_that_cannot_measure_fails_the_call_without_running(tmp_path):
+    """Off --tiny, a stage needing CUDA (or DALI) fails at once when its need is missing; nothing is 'not measured' quietly."""
+    from bench import gpu_check
+
+    out, clock, calls = tmp_path / "out", _FakeClock(), []
+    runner = _fake_runner(gpu_check, out, clock, {"tests": 1, "ema": 1}, needs_rc=1, calls=calls)
+    rc = gpu_check.main(["--call", "kernels", "--stages", "tests,ema", "--out", str(out)], runner=runner, clock=clock)
+    info = json.loads((out / "stages.json").read_text())
+    assert rc == 1 and calls == [] and [s["rc"] for s in info] == [3, 3]
+    assert all(s["note"].startswith("cannot measure: needs CUDA (AssertionError: no CUDA device)") for s in info)
+
+
+def test_a_stage_over_its_limit_is_cut():
+    """The real runner: a child that blocks until it is stopped is cut at its limit, whatever this machine's speed."""
+    import sys
+
+    from bench import gpu_check
+
+    rc, _ = gpu_check.run_subprocess([sys.executable, "-c", "import time; time.sleep(3600)"], {}, 1)
+    assert rc is None
 
 
 def test_tune_launch_writes_a_valid_table_and_keeps_rows_when_cut(tmp_path, monkeypatch, capsys):

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from vssl_fast import auto_settings, faults, rundir
 from vssl_fast import checkpoint as ckpt
-from vssl_fast import faults, rundir
 from vssl_fast.config import Config, device_formats
 from vssl_fast.data import build_data, reading_data
 from vssl_fast.distributed import cleanup, init_distributed
@@ -65,7 +65,7 @@ def resolve_graph_mode(mode: str, device: torch.device, dist_info, scaler, opt) 
     if mode == "off":
         return "off", "train.graph=off"
     if mode == "auto":
-        return "off", "train.graph=auto: uncaptured until the captured step is measured on a card (bench/RESULTS.md)"
+        return "off", auto_settings.why("train.graph")
     if scaler is not None:
         return "off", "train.graph=on: not captured with fp16 (GradScaler reads its scale on the host)"
     if not hasattr(opt, "lr_on_device"):
@@ -148,6 +148,8 @@ class Trainer:
         if mode != "none":
             self.forward = torch.compile(self.ddp, mode=mode)
         self.compile_mode = mode
+        if cfg.train.compile == "auto":
+            self.log.info("compile: %s", auto_settings.why("train.compile"))
         self.stepper = TrainStep(model, self.forward, self.opt, cfg.method, cfg.optim, self.device, self.amp_dtype,
                                  self.scaler, self.dist.enabled, cfg.train.seed, self.dist.rank, graph=graph,
                                  graphs=graphs, warmup=DDP_GRAPH_WARMUP if self.dist.enabled else None)
@@ -387,6 +389,9 @@ class Trainer:
                           if getattr(self.data, "bad_files", None) is not None else 0),
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "torch": torch.__version__, "compile": self.compile_mode,
+            # what each automatic choice of this run rests on (vssl_fast.auto_settings)
+            "auto_evidence": {k: auto_settings.EVIDENCE[k] for k, v in
+                              (("train.compile", cfg.train.compile), ("train.graph", cfg.train.graph)) if v == "auto"},
         }
         if self.dist.is_main:
             rows = []
@@ -396,7 +401,8 @@ class Trainer:
             results["img_per_s"] = sum(ips) / len(ips) if ips else None
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
             table = ["| metric | value |", "|---|---|"] + [
-                f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+                f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()
+                if not isinstance(v, dict)]
             (self.run_dir / "summary.md").write_text("\n".join(table) + "\n")
             if cfg.log.plots:
                 self.monitor.plots()

@@ -319,14 +319,16 @@ def test_sigusr1_during_a_checkpoint_write_exits_143_after_that_save(cifar_tiny_
 def test_a_distributed_timeout_is_one_line_with_exit_8():
     store, pgs = dist.HashStore(), {}
 
-    def make(rank):
-        pgs[rank] = dist.ProcessGroupGloo(dist.PrefixStore("t", store), rank, 2, datetime.timedelta(seconds=1))
+    def make(rank):  # the group's own timeout is a hang guard: both ranks meet however slow the machine
+        pgs[rank] = dist.ProcessGroupGloo(dist.PrefixStore("t", store), rank, 2, datetime.timedelta(seconds=300))
 
     threads = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    with pytest.raises(RuntimeError) as ei:  # rank 1 never joins the collective: gloo's timeout
-        pgs[0].allreduce([torch.ones(1)]).wait()
+    opts = dist.AllreduceOptions()
+    opts.timeout = datetime.timedelta(seconds=1)  # the collective's: it always expires, rank 1 never joins
+    with pytest.raises(RuntimeError) as ei:
+        pgs[0].allreduce([torch.ones(1)], opts).wait()
     code, line = faults.classify(ei.value)
     assert code == 8 and "dist.timeout_s" in line and "\n" not in line
 

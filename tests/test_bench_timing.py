@@ -1,0 +1,192 @@
+"""Benchmark timing with stated samples, on fake clocks: counts, not milliseconds, decide how often a case runs."""
+
+import pytest
+
+from bench.timing import Reps, Timing, quantile, time_ms, warm
+
+
+class FakeClock:
+    """Time advances only when the timed function says so: no test depends on this machine's speed."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def counted(clock, durations):
+    """A timed function whose n-th call takes durations[n] (the last one repeated), and its call log."""
+    calls = []
+
+    def fn():
+        d = durations[min(len(calls), len(durations) - 1)]
+        calls.append(d)
+        clock.t += d
+
+    return fn, calls
+
+
+@pytest.mark.parametrize("dt,reps,timed", [
+    (0.01, Reps(warmup=5, min_reps=20, min_time_s=0.5), 50),  # the duration minimum decides: 50 x 10 ms
+    (0.1, Reps(warmup=5, min_reps=20, min_time_s=0.5), 20),  # the repetition minimum decides
+    (0.001, Reps(warmup=2, min_reps=10, min_time_s=1.0, max_reps=30), 30),  # the cap wins over min_time_s
+    (0.0, Reps(warmup=0, min_reps=4, min_time_s=1.0, max_reps=9), 9),  # a call the clock cannot see: the cap
+])
+def test_time_ms_runs_warmups_apart_then_both_minimums(dt, reps, timed):
+    clock = FakeClock()
+    fn, calls = counted(clock, [dt])
+    setups = []
+    t = time_ms(fn, reps, setup=lambda: setups.append(len(calls)), clock=clock)
+    assert len(calls) == reps.warmup + timed
+    assert setups == list(range(reps.warmup + timed))  # setup before every call, warm-ups included
+    assert (t.samples, t.warmup, t.timer) == (timed, reps.warmup, "fake")
+    assert t.timed_s == pytest.approx(dt * timed)
+    assert reps.planned(dt) == timed if dt else True
+
+
+def test_warmups_are_never_in_the_timing():
+    clock = FakeClock()
+    fn, calls = counted(clock, [5.0, 5.0, 0.01])  # two slow first calls (compilation, caches)
+    t = time_ms(fn, Reps(warmup=2, min_reps=10, min_time_s=0.0), clock=clock)
+    assert t.samples == 10 and t.max_ms == pytest.approx(10.0) and t.ms == pytest.approx(10.0)
+
+
+def test_spread_is_median_p20_p80_of_the_samples():
+    clock = FakeClock()
+    durations = [0.0] + [k / 1000 for k in range(1, 11)]  # one warm-up, then 1..10 ms
+    fn, _ = counted(clock, durations)
+    t = time_ms(fn, Reps(warmup=1, min_reps=10, min_time_s=0.0, max_reps=10), clock=clock)
+    ms = [float(k) for k in range(1, 11)]
+    assert t.ms == pytest.approx(5.5) and t.p20 == pytest.approx(quantile(ms, 0.2)) and t.p80 == pytest.approx(
+        quantile(ms, 0.8))
+    assert (t.min_ms, t.max_ms) == (pytest.approx(1.0), pytest.approx(10.0))
+    row = t.row()
+    assert {"ms", "p20", "p80", "samples", "warmup", "timed_s", "timer", "spread"} <= row.keys()
+    assert row["spread"] == pytest.approx((t.p80 - t.p20) / t.ms)
+
+
+def test_reps_are_validated_and_planned():
+    with pytest.raises(ValueError, match="min_reps"):
+        Reps(min_reps=0)
+    with pytest.raises(ValueError, match="max_reps"):
+        Reps(min_reps=10, max_reps=5)
+    r = Reps(warmup=3, min_reps=20, min_time_s=2.0, max_reps=1000)
+    assert (r.planned(0.5), r.planned(0.01), r.planned(1e-6)) == (20, 200, 1000)
+    clock = FakeClock()
+    fn, calls = counted(clock, [0.25])
+    assert warm(fn, r, clock=clock) == [0.25] * 3 and len(calls) == 3
+
+
+def test_faster_beyond_the_spread():
+    a = Timing(ms=1.0, p20=0.95, p80=1.05, min_ms=0.9, max_ms=1.1, mean_ms=1.0, samples=20, warmup=5, timed_s=0.02, timer="x")
+    b = Timing(ms=1.2, p20=1.1, p80=1.3, min_ms=1.0, max_ms=1.4, mean_ms=1.2, samples=20, warmup=5, timed_s=0.02, timer="x")
+    c = Timing(ms=1.1, p20=1.0, p80=1.2, min_ms=1.0, max_ms=1.3, mean_ms=1.1, samples=20, warmup=5, timed_s=0.02, timer="x")
+    assert a.clearly_faster_than(b) and not a.clearly_faster_than(c) and not b.clearly_faster_than(a)
+
+
+def test_the_step_benchmark_times_counted_steps_from_the_restored_state():
+    """bench_step.time_step: one first call (compilation) apart, the warm-ups, the model restored, the timed steps."""
+    from bench.bench_step import time_step
+
+    clock = FakeClock()
+    log = []
+
+    class Model:
+        def __init__(self):
+            self.w = 0
+
+        def state_dict(self):
+            return {"w": self.w}
+
+        def load_state_dict(self, st):
+            log.append(("restore", self.w))
+            self.w = st["w"]
+
+    model = Model()
+
+    def step(x):
+        model.w += 1
+        clock.t += 0.05
+        log.append("step")
+
+    t, first = time_step(step, (None,), model, Reps(warmup=4, min_reps=30, min_time_s=2.0), clock=clock)
+    assert log[:5] == ["step"] * 5 and log[5] == ("restore", 5)  # first call + 4 warm-ups, then the restore
+    assert log.count("step") == 1 + 4 + 40 and (t.samples, t.warmup) == (40, 4)  # 2 s at 50 ms: 40 > 30
+    assert first >= 0
+
+
+def test_the_step_decision_names_its_samples_and_refuses_overlapping_spreads():
+    from bench.bench_step import decide, decisions
+
+    def row(variant, ms, lo, hi):
+        return dict(px=32, batch=256, variant=variant, ms=ms, p20=lo, p80=hi, samples=30, warmup=5, timer="cuda-event")
+
+    rows = [row("a_reference", 90, 89, 91), row("b_fast(compile=default=auto,graph=off)", 20, 19.5, 20.5),
+            row("b_fast(compile=default=auto,graph=on)", 12, 11.8, 12.3)]
+    (d,) = decisions(rows)
+    assert d["decision"] == "train.graph" and d["choice"] == "on" and d["rests_on"]["off"]["samples"] == 30
+    assert d["rests_on"]["on"] == {"ms": 12, "p20": 11.8, "p80": 12.3, "samples": 30, "warmup": 5, "timer": "cuda-event"}
+    close = decide("train.graph", {"off": row("x", 12.2, 11.9, 12.6), "on": row("y", 12.0, 11.7, 12.4)})
+    assert close["choice"] == "undecided" and close["fastest"] == "on"
+
+
+def test_the_loader_timing_counts_batches_across_epochs_and_closes_the_loader():
+    from bench.bench_data import time_loader
+
+    clock = FakeClock()
+    events = []
+
+    class Loader:
+        def __iter__(self):
+            events.append("iter")
+
+            def epoch():
+                try:
+                    for _ in range(7):  # a short epoch: the timing runs through several
+                        clock.t += 0.1
+                        yield (_Batch(4), None, None)
+                finally:
+                    events.append("iterator closed")
+
+            return epoch()
+
+        def close(self):
+            events.append("loader closed")
+
+    t, batch, left = time_loader(Loader, Reps(warmup=8, min_reps=40, min_time_s=3.0), clock=clock)
+    assert (t.warmup, t.samples, batch) == (8, 40, 4) and t.ms == pytest.approx(100.0)
+    assert events.count("iter") == 7 and events[-2:] == ["iterator closed", "loader closed"] and left == 0
+
+
+class _Batch:
+    def __init__(self, n):
+        self.shape = (n,)
+
+
+def test_tune_launch_keeps_the_default_unless_a_candidate_wins_beyond_the_spread(monkeypatch):
+    import bench.tune_launch as tl
+
+    def timing(ms, half):
+        return Timing(ms=ms, p20=ms - half, p80=ms + half, min_ms=ms - half, max_ms=ms + half, mean_ms=ms, samples=20,
+                      warmup=5, timed_s=1.0, timer="fake")
+
+    class Sink:
+        def emit(self, row):
+            pass
+
+    def run(times):
+        it = iter(times)
+        monkeypatch.setattr(tl, "measure", lambda fn, setup, reps: (next(it), "graph replay"))
+        monkeypatch.setattr(tl, "workloads", lambda fam, dev, tiny: {"w": (lambda: None, None)})
+        import torch
+
+        return tl.tune_family("ema", torch.device("cpu"), True, float("inf"), Sink())
+
+    within = run([timing(1.0, 0.1), timing(0.95, 0.1)])  # 5% faster, inside the spread: the default stays
+    assert within["best"] == tl.multi_tensor_candidates(True)[0] and not within["candidates"][1]["beats_default"]
+    beyond = run([timing(1.0, 0.02), timing(0.8, 0.02)])
+    assert beyond["best"] == tl.multi_tensor_candidates(True)[1] and beyond["candidates"][1]["timings"]["w"]["samples"] == 20
+    assert beyond["rule"].startswith("the default unless")
