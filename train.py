@@ -24,7 +24,7 @@ from vssl_fast.trainer import Trainer
 
 
 def train(argv: list[str]) -> None:
-    cfg = load_config(argv)
+    cfg = load_config(argv, description=__doc__)  # -h/--help prints every setting and exits 0
     trainer = Trainer(cfg)
     try:
         trainer.fit()
