@@ -19,6 +19,10 @@ __all__ = ["Monitor", "setup_logging", "attach_log_file"]
 _FMT = "%(asctime)s [rank {rank}] %(message)s"
 
 
+def _not_drawn(record: logging.LogRecord) -> bool:
+    return not getattr(record, "drawn_by_bar", False)
+
+
 def setup_logging(rank: int, run_dir: Path | None = None) -> logging.Logger:
     """Log to stdout; to ``run_dir/train.log`` on rank 0 now, or (run_dir None) once ``attach_log_file`` is called."""
     log = logging.getLogger("vssl_fast")
@@ -27,6 +31,7 @@ def setup_logging(rank: int, run_dir: Path | None = None) -> logging.Logger:
     fmt = logging.Formatter(_FMT.format(rank=rank), "%H:%M:%S")
     h = logging.StreamHandler(sys.stdout)
     h.setFormatter(fmt)
+    h.addFilter(_not_drawn)  # the step lines the progress bar draws stay off the terminal; train.log gets them
     log.addHandler(h)
     if rank == 0:  # the lines before the run dir is accepted wait here for train.log
         log.addHandler(logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1))
@@ -84,6 +89,11 @@ class Monitor:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, step)
+
+    def step_line(self, log: logging.Logger, step: int, total: int, text: str) -> None:
+        """A training step's line: always into the log (train.log); on a terminal the bar draws it instead of stdout."""
+        log.info(text, extra={"drawn_by_bar": self.progress})
+        self.bar(step, total, text)
 
     def bar(self, step: int, total: int, text: str) -> None:
         if not self.progress:

@@ -330,7 +330,7 @@ class Trainer:
                + f" wait {100 * row['data_wait']:.0f}% step {row['step_time_ms']:.0f}ms"
                + (f" mem {row['peak_mem_gb']:.1f}G" if "peak_mem_gb" in row else "")
                + f" eta {remaining / 60:.1f}min" + (f" skipped {skipped}" if skipped else ""))
-        self.monitor.bar(self.step, self.total_steps, msg) if self.monitor.progress else self.log.info(msg)
+        self.monitor.step_line(self.log, self.step, self.total_steps, msg)  # train.log always; the bar on a terminal
         if consec >= cfg.train.max_consecutive_skips:
             where = ckpt.nonfinite_advice(self.ckpt_dir, cfg.optim.lr) if self.dist.is_main else "see rank 0's message"
             raise NonFiniteError(f"{consec} consecutive steps had a non-finite loss or gradient (last at step "
