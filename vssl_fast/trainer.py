@@ -42,7 +42,7 @@ from vssl_fast.data import build_data
 from vssl_fast.distributed import cleanup, init_distributed
 from vssl_fast.evaluate import EVAL_NETWORK, extract_features, feature_amp_dtype, knn_eval, online_eval
 from vssl_fast.models import SSLModel
-from vssl_fast.monitor import Monitor, setup_logging
+from vssl_fast.monitor import Monitor, require_wandb, setup_logging
 from vssl_fast.optim import build_optimizer
 from vssl_fast.step import TrainStep
 from vssl_fast.syncbn import convert_sync_batchnorm, use_sync_batchnorm
@@ -81,6 +81,8 @@ def resolve_compile_mode(mode: str, device: torch.device, crop_size: int) -> str
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        if cfg.log.wandb:
+            require_wandb()  # asked for and missing: one line (exit 2) before anything starts
         self.dist = init_distributed(cfg.dist.timeout_s)
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
@@ -128,7 +130,8 @@ class Trainer:
         self.stepper = TrainStep(model, self.forward, self.opt, cfg.method, cfg.optim, self.device, self.amp_dtype,
                                  self.scaler, self.dist.enabled, cfg.train.seed, self.dist.rank, graph=graph)
         self.history: list[dict] = []
-        self.monitor = Monitor(self.run_dir, self.dist.is_main, cfg.log.tensorboard, cfg.log.progress)
+        self.monitor = Monitor(self.run_dir, self.dist.is_main, cfg.log.tensorboard, cfg.log.progress,
+                               cfg.log.wandb_project if cfg.log.wandb else None, cfg.to_dict())
         self._saved_step = None  # the step of the newest checkpoint this process wrote
         self._pending_eval = None  # [epoch, knn] of an evaluation a stop interrupted: saved, rerun on resume
         self.log.info("model: %s %s (%d student params), %s optimizer (%s), precision %s, channels-last %s, "
