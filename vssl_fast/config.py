@@ -81,7 +81,7 @@ class TrainConfig:
     batch_size: int = 256  # per device
     seed: int = 5  # model init, data order and augmentations
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    compile: Literal["auto", "none", "default", "reduce-overhead"] = "auto"  # torch.compile mode (vssl_fast.trainer: the measured auto)
+    compile: Literal["auto", "none", "default", "reduce-overhead"] = "auto"  # torch.compile mode (auto: vssl_fast.trainer)
     graph: Literal["auto", "on", "off"] = "auto"  # the whole step as one CUDA graph (vssl_fast.step; auto = off until measured)
     max_consecutive_skips: int = 5  # non-finite steps in a row before stopping with an error
 

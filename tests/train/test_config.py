@@ -78,7 +78,7 @@ def test_help_lists_every_setting_with_type_default_choices_and_description():
         assert any(x.startswith(f"  {flag}") for x in lines), flag
     assert "{resnet18,resnet50}" in text and "{1,-1}" in text  # choices come from the Literal types
     presets = text[text.index("presets (--preset NAME)"):]
-    for name, make in PRESETS.items():
+    for name in PRESETS:
         assert f"\n  {name} " in presets
     # what a preset sets, as key=value over the defaults (derived, so it cannot drift)
     assert "optim.lr=0.5" in presets and "data.crop_size=224" in presets and "train.batch_size=64" in presets

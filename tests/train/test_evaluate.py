@@ -195,7 +195,8 @@ def test_linear_batches_of_two_ranks_are_the_one_process_batches(cifar_tiny_tar,
 
 
 def test_evaluate_under_torchrun_matches_one_process(tiny_run, cifar_tiny_tar, tmp_path):
-    """torchrun -m vssl_fast.evaluate used one process's work on every rank (no distributed init)."""
+    """torchrun -m vssl_fast.evaluate used one process's work on every rank (no distributed init). Both runs on the
+    CPU (gloo), also on a GPU machine, whose one card cannot host two ranks."""
     import sys
 
     from helpers_train import REPO, env
@@ -210,7 +211,7 @@ def test_evaluate_under_torchrun_matches_one_process(tiny_run, cifar_tiny_tar, t
         for n, launcher in ((1, [sys.executable]), (2, torchrun)):
             out = tmp_path / f"{command}{n}.json"
             r = subprocess.run(launcher + ["-m", "vssl_fast.evaluate", command, *common, *extra, "--out", str(out)],
-                               cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+                               cwd=REPO, env=env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=600)
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
             assert r.stdout.count(f'"{key}"') == 1  # printed once, by rank 0
             res[n] = json.loads(out.read_text())
