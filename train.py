@@ -12,7 +12,9 @@ Several nodes (run on every node; NODE_RANK 0..N-1, MASTER = the first node's ad
         --rdzv_endpoint=$MASTER:29500 --rdzv_id=vssl train.py --preset imagenet100
 Resume after an interruption: add --resume auto (the newest good checkpoint in the run dir); a run
 dir that holds a run is only ever continued, with --resume.
-Overrides: --section.key=value (see vssl_fast/config.py); unknown keys are errors.
+Settings: python train.py --help lists them all (type, default, choices, description) and the presets.
+The preset, then --config FILE (JSON; YAML with PyYAML; e.g. a run's own config.json), then
+--section.key=value overrides; unknown keys are errors. --log.wandb=true also logs to W&B.
 Failures end with one line and an exit code (README, "Exit codes"); --debug or VSSL_DEBUG=1 adds tracebacks.
 """
 
@@ -24,7 +26,7 @@ from vssl_fast.trainer import Trainer
 
 
 def train(argv: list[str]) -> None:
-    cfg = load_config(argv)
+    cfg = load_config(argv, description=__doc__)  # -h/--help prints every setting and exits 0
     trainer = Trainer(cfg)
     try:
         trainer.fit()

@@ -12,107 +12,125 @@ import dataclasses
 import json
 import math
 import os
-import types
-import typing
+import sys
+import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 from vssl_fast.method import MethodConfig
+from vssl_fast.typed import ConfigError, check_choices, field_docs, field_types, file_value, parse_value, show_value, type_name
 
-__all__ = ["Config", "PRESETS", "load_config", "ConfigError", "config_from_dict"]
-
-
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message names it."""
+__all__ = ["Config", "PRESETS", "load_config", "ConfigError", "config_from_dict", "help_text", "read_config_file",
+           "apply_dict", "set_key"]
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # resnet18 | resnet50
+    """The backbone (METHOD.md §1.1)."""
+
+    backbone: Literal["resnet18", "resnet50"] = "resnet18"  # the torchvision ResNet, fc removed
     cifar_stem: bool = True  # METHOD.md §1.1: 3x3/1 conv1 with padding 2, no maxpool
-    sync_batchnorm: str = "auto"  # auto (SyncBatchNorm when world > 1, as solo-learn's recipe) | true | false
-    channels_last: str = "auto"  # auto (on CUDA) | true (any device: the CPU twin of the GPU path) | false
+    sync_batchnorm: Literal["auto", "true", "false"] = "auto"  # auto: SyncBatchNorm when world > 1 (solo-learn's recipe)
+    channels_last: Literal["auto", "true", "false"] = "auto"  # auto: on CUDA; true: on any device (the CPU twin of the GPU path)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar10"  # cifar10 | cifar100 | imagefolder (ImageNet-100 and any class-folder JPEG tree)
+    """The data set, its loader and its augmentations (METHOD.md §3.4)."""
+
+    dataset: Literal["cifar10", "cifar100", "imagefolder"] = "cifar10"  # imagefolder: ImageNet-100 and any class-folder JPEG tree
     path: str = "auto"  # a folder or tar; 'auto': $VSSL_DATA, then ../shared/data/cifar10-jpeg.tar.gz
-    cache_dir: str = "~/.cache/vssl_fast"
+    cache_dir: str = "~/.cache/vssl_fast"  # decoded CIFAR arrays and the image folders' scan results
     download: bool = False  # torchvision CIFAR download when the network allows
-    augmentations: str = "asymmetric"  # asymmetric (solo-learn BYOL) | symmetric (METHOD.md A9)
-    crop_size: int = 32
+    augmentations: Literal["asymmetric", "symmetric"] = "asymmetric"  # asymmetric: solo-learn BYOL; symmetric: METHOD.md A9
+    crop_size: int = 32  # the training crop in pixels (224 for ImageNet-100)
     train_subset: int = 0  # >0: use only the first N training images (smoke runs)
-    val_subset: int = 0
+    val_subset: int = 0  # >0: a fixed random sample of N validation images
     workers: int = 0  # image folders: DataLoader workers / DALI reader processes / evaluation workers (0 = auto:
     # one per core for the torchvision path, min(4, cores) for DALI on a GPU (none on a CPU) and for evaluation)
     max_bad_fraction: float = 0.01  # image folders: a run fails when more than this share of a split's files is bad
-    loader: str = "auto"  # auto | gpu (device-resident CIFAR) | dali | torchvision
+    loader: Literal["auto", "gpu", "dali", "torchvision"] = "auto"  # gpu: device-resident CIFAR
     aug_chunk: int = 0  # device CIFAR: steps augmented per batched call (0 = auto: 16 on CUDA, 1 on a CPU)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "lars"  # lars (the paper's recipe) | lamb
-    impl: str = "auto"  # auto (fused Triton where it can run) | fused | reference
+    """The optimizer and the LR and EMA schedules (METHOD.md §2)."""
+
+    name: Literal["lars", "lamb"] = "lars"  # lars: the paper's recipe
+    impl: Literal["auto", "fused", "reference"] = "auto"  # auto: fused Triton where it can run
     lr: float = 1.0  # base LR for a global batch of 256 (scaled by batch/256)
-    classifier_lr: float = 0.1
-    weight_decay: float = 1e-5
-    momentum: float = 0.9
-    eta: float = 0.02
-    warmup_epochs: float = 10.0
-    warmup_start_lr: float = 3e-5
-    min_lr: float = 0.0
-    tau_base: float = 0.99
-    tau_final: float = 1.0
+    classifier_lr: float = 0.1  # base LR of the online linear classifier
+    weight_decay: float = 1e-5  # of the SSL modules (the online classifier has none)
+    momentum: float = 0.9  # the LARS momentum (LAMB keeps its own betas)
+    eta: float = 0.02  # the LARS trust coefficient
+    warmup_epochs: float = 10.0  # linear LR warm-up, then cosine decay to min_lr
+    warmup_start_lr: float = 3e-5  # the LR at step 0 of the warm-up
+    min_lr: float = 0.0  # the LR the cosine decay ends at
+    tau_base: float = 0.99  # the teacher's EMA momentum at the start
+    tau_final: float = 1.0  # the EMA momentum at the end (a cosine from tau_base)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1000
+    """The length, batch, seed and execution of training."""
+
+    epochs: int = 1000  # training epochs (the schedules span them)
     max_steps: int = 0  # >0: stop after this many optimizer steps (tests, smoke)
     batch_size: int = 256  # per device
-    seed: int = 5
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    compile: str = "auto"  # auto | none | default | reduce-overhead (see vssl_fast.trainer for the measured choice)
-    graph: str = "auto"  # auto | on | off: the whole step as one CUDA graph (vssl_fast.step; auto = off until measured)
+    seed: int = 5  # model init, data order and augmentations
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    compile: Literal["auto", "none", "default", "reduce-overhead"] = "auto"  # torch.compile mode (auto: vssl_fast.trainer)
+    graph: Literal["auto", "on", "off"] = "auto"  # the whole step as one CUDA graph (vssl_fast.step; auto = off until measured)
     max_consecutive_skips: int = 5  # non-finite steps in a row before stopping with an error
 
 
 @dataclass
 class EvalConfig:
-    online_every_epochs: int = 1
-    knn_every_epochs: int = 50
-    knn_k: tuple = (20, 200)
-    knn_t: tuple = (0.07, 0.1)
-    knn_chunk: int = 1024
+    """Evaluation during training (METHOD.md §3.5-§3.7)."""
+
+    online_every_epochs: int = 1  # the online linear probe on the validation split, every N epochs
+    knn_every_epochs: int = 50  # weighted kNN every N epochs (0 = only at the end)
+    knn_k: tuple[int, ...] = (20, 200)  # neighbour counts, paired with knn_t
+    knn_t: tuple[float, ...] = (0.07, 0.1)  # softmax temperatures, paired with knn_k
+    knn_chunk: int = 1024  # validation images per similarity block (memory)
     knn_train_subset: int = 0  # >0: a fixed stratified random sample of this many train images as the kNN bank
-    feature_dtype: str = "fp32"  # fp32 | bf16: images and backbone precision for kNN, online and linear eval
+    feature_dtype: Literal["fp32", "bf16"] = "fp32"  # images and backbone precision for kNN, online and linear eval
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 1000
-    keep: int = 2
+    """Checkpoints (atomic; vssl_fast.checkpoint)."""
+
+    every_steps: int = 1000  # a checkpoint every N steps, and at every epoch end
+    keep: int = 2  # how many of the newest checkpoints to keep (at least 2)
 
 
 @dataclass
 class LogConfig:
-    every_steps: int = 50
-    tensorboard: bool = True  # when installed
-    progress: bool = True
-    plots: bool = True
+    """What a run writes and shows (vssl_fast.monitor)."""
+
+    every_steps: int = 50  # a step line in train.log and a row in metrics.jsonl every N steps
+    tensorboard: bool = True  # also write the rows to TensorBoard (run_dir/tb) when installed
+    progress: bool = True  # a progress bar on a terminal (train.log and metrics.jsonl still get every step line)
+    plots: bool = True  # loss.png and accuracy.png at the end (needs matplotlib)
+    wandb: bool = False  # also log the rows to Weights & Biases (pip install -e ".[wandb]"; WANDB_MODE=offline works)
+    wandb_project: str = "vssl-fast"  # the W&B project; the run is named after the run dir
 
 
 @dataclass
 class DistConfig:
+    """Several processes (torchrun)."""
+
     timeout_s: int = 600  # the process group's timeout: hangs become errors
 
 
 @dataclass
 class Config:
-    preset: str = "cifar10"
-    run_dir: str = "runs/default"
-    resume: str = "none"  # none | auto | <path to a checkpoint>
+    preset: str = "cifar10"  # the preset the settings start from (a config file may name it too)
+    run_dir: str = "runs/default"  # where the run writes; a dir that holds a run is only continued with --resume
+    resume: str = "none"  # none | auto (the newest good checkpoint in the run dir) | <path to a checkpoint>
     method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -131,22 +149,13 @@ class Config:
 
     def validate(self) -> Config:
         _check_finite(self)
+        for key in ("sync_batchnorm", "channels_last"):  # bools from configs saved before 'auto' existed are accepted
+            v = getattr(self.model, key)
+            if isinstance(v, bool | str):
+                setattr(self.model, key, str(v).lower())
         self.method.validate()
-        checks = [
-            ("model.backbone", self.model.backbone, ("resnet18", "resnet50")),
-            ("data.dataset", self.data.dataset, ("cifar10", "cifar100", "imagefolder")),
-            ("data.augmentations", self.data.augmentations, ("asymmetric", "symmetric")),
-            ("data.loader", self.data.loader, ("auto", "gpu", "dali", "torchvision")),
-            ("optim.name", self.optim.name, ("lars", "lamb")),
-            ("optim.impl", self.optim.impl, ("auto", "fused", "reference")),
-            ("train.precision", self.train.precision, ("auto", "bf16", "fp16", "fp32")),
-            ("train.compile", self.train.compile, ("auto", "none", "default", "reduce-overhead")),
-            ("train.graph", self.train.graph, ("auto", "on", "off")),
-            ("eval.feature_dtype", self.eval.feature_dtype, ("fp32", "bf16")),
-        ]
-        for key, val, choices in checks:
-            if val not in choices:
-                raise ConfigError(f"{key}: invalid value {val!r}; choose one of {list(choices)}")
+        for sec, section in _sections(self):
+            check_choices(section, sec)
         if self.train.graph == "on" and self.train.compile == "reduce-overhead":
             # reduce-overhead makes inductor capture CUDA-graph trees of its own, which cannot nest in ours
             raise ConfigError("train.graph=on with train.compile=reduce-overhead: both capture CUDA graphs and "
@@ -173,16 +182,6 @@ class Config:
         if not 0 <= self.optim.tau_base <= self.optim.tau_final <= 1:
             raise ConfigError(f"optim.tau_base/tau_final: need 0 <= tau_base <= tau_final <= 1, got "
                               f"{self.optim.tau_base}, {self.optim.tau_final}")
-        sbn = {True: "true", False: "false"}.get(self.model.sync_batchnorm, str(self.model.sync_batchnorm).lower())
-        if sbn not in ("auto", "true", "false"):  # bools from configs saved before 'auto' existed are accepted
-            raise ConfigError(f"model.sync_batchnorm: invalid value {self.model.sync_batchnorm!r}; "
-                              "choose one of ['auto', 'true', 'false']")
-        self.model.sync_batchnorm = sbn
-        cl = {True: "true", False: "false"}.get(self.model.channels_last, str(self.model.channels_last).lower())
-        if cl not in ("auto", "true", "false"):  # bools from configs saved before 'auto' existed are accepted
-            raise ConfigError(f"model.channels_last: invalid value {self.model.channels_last!r}; "
-                              "choose one of ['auto', 'true', 'false']")
-        self.model.channels_last = cl
         if self.eval.knn_train_subset < 0:
             raise ConfigError(f"eval.knn_train_subset: must be >= 0 (0 = the whole train set), got "
                               f"{self.eval.knn_train_subset}")
@@ -197,14 +196,9 @@ class Config:
 
 def _check_finite(cfg: Config) -> None:
     """Every float setting, and every number in a tuple setting, must be finite (optim.lr=nan names the key)."""
-    for sec in dataclasses.fields(cfg):
-        section = getattr(cfg, sec.name)
-        if not dataclasses.is_dataclass(section):
-            continue
-        for f in dataclasses.fields(section):
-            v = getattr(section, f.name)
-            if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))):
-                raise ConfigError(f"{sec.name}.{f.name}: must be a finite number, got {v!r}")
+    for key, v in _settings(cfg).items():
+        if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))):
+            raise ConfigError(f"{key}: must be a finite number, got {v!r}")
 
 
 # ----------------------------------------------------------------------------- presets
@@ -252,45 +246,9 @@ PRESETS = {"cifar10": lambda: _cifar(10), "cifar100": lambda: _cifar(100), "imag
 
 
 # ----------------------------------------------------------------------------- parsing
-def _coerce(key: str, raw: str, typ):
-    origin = typing.get_origin(typ)
-    if typ is bool:
-        low = raw.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key}: expected a boolean (true/false), got {raw!r}")
-    if typ is int:
-        try:
-            return int(raw)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {raw!r}") from None
-    if typ is float:
-        try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
-    if typ is str:
-        return raw
-    if typ is tuple or origin is tuple:
-        parts = [p for p in raw.replace("(", "").replace(")", "").split(",") if p.strip()]
-        try:
-            vals = [float(p) if any(ch in p for ch in ".eE") else int(p) for p in parts]
-        except ValueError:
-            raise ConfigError(f"{key}: expected a comma-separated list of numbers, got {raw!r}") from None
-        return tuple(vals)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if raw.strip().lower() in ("none", "null"):
-            return None
-        return _coerce(key, raw, args[0])
-    raise ConfigError(f"{key}: cannot parse values of type {typ}")
-
-
-def _field_types(obj) -> dict:
-    hints = typing.get_type_hints(type(obj))
-    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+def _sections(cfg) -> list[tuple[str, object]]:
+    """(name, section) for every dataclass section of ``cfg``, in declaration order."""
+    return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
 
 
 def set_key(cfg: Config, dotted: str, raw: str) -> None:
@@ -298,26 +256,85 @@ def set_key(cfg: Config, dotted: str, raw: str) -> None:
     parts = dotted.split(".")
     target = cfg
     for i, part in enumerate(parts[:-1]):
-        types_ = _field_types(target)
+        types_ = field_types(target)
         if part not in types_ or not dataclasses.is_dataclass(getattr(target, part)):
             sections = [k for k, v in types_.items() if dataclasses.is_dataclass(getattr(target, k))]
             raise ConfigError(f"unknown config section '{'.'.join(parts[: i + 1])}'; sections: {sections}")
         target = getattr(target, part)
     name = parts[-1]
-    types_ = _field_types(target)
+    types_ = field_types(target)
     if name not in types_:
         where = ".".join(parts[:-1]) or "top level"
         raise ConfigError(f"unknown config key '{dotted}' (in {where}); valid keys: {sorted(types_)}")
     if dataclasses.is_dataclass(getattr(target, name)):
         raise ConfigError(f"'{dotted}' is a section; set one of its keys, e.g. --{dotted}.<key>=value")
-    setattr(target, name, _coerce(dotted, raw, types_[name]))
+    setattr(target, name, parse_value(dotted, raw, types_[name]))
 
 
-def load_config(argv: list[str]) -> Config:
-    """Parse ``[--preset NAME] [--run-dir DIR] [--resume auto|PATH] [--section.key=value ...]``."""
+def read_config_file(path: str) -> dict:
+    """The settings of a JSON file (YAML for .yaml/.yml, when PyYAML is importable) as nested dicts."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = p.read_text()
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"--config {path}: reading YAML needs PyYAML, which is not installed (pip install pyyaml, "
+                              "or pip install -e '.[yaml]'); or give the config as JSON") from None
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    else:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    d = {} if d is None else d
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections to settings, got {type(d).__name__}")
+    return d
+
+
+def apply_dict(cfg: Config, d: dict, where: str) -> None:
+    """Set the settings of a (full or partial) nested dict on ``cfg``; unknown keys and bad values name ``where``."""
+    types_ = field_types(cfg)
+    for key, val in d.items():
+        if key not in types_:
+            raise ConfigError(f"{where}: unknown config key '{key}' (top level); valid keys: {sorted(types_)}")
+        target = getattr(cfg, key)
+        try:
+            if not dataclasses.is_dataclass(target):
+                setattr(cfg, key, file_value(key, val, types_[key]))
+                continue
+            if not isinstance(val, dict):
+                raise ConfigError(f"'{key}' is a section: give a mapping of its keys, got {val!r}")
+            sec_types = field_types(target)
+            for k, v in val.items():
+                if k not in sec_types:
+                    raise ConfigError(f"unknown config key '{key}.{k}' (in {key}); valid keys: {sorted(sec_types)}")
+                setattr(target, k, file_value(f"{key}.{k}", v, sec_types[k]))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
+def load_config(argv: list[str], description: str | None = None) -> Config:
+    """Parse ``[-h] [--config FILE] [--preset NAME] [--run-dir DIR] [--resume auto|PATH] [--section.key=value ...]``.
+
+    The preset (``--preset``, else the file's ``preset``, else cifar10) gives the starting values, the
+    config file's settings apply over it, and the command line's over both. ``-h``/``--help`` prints
+    ``help_text(description)`` and exits 0, as argparse does.
+    """
     args = list(argv)
-    preset = "cifar10"
-    pairs: list[tuple[str, str]] = []
+    if "-h" in args or "--help" in args:
+        try:
+            print(help_text(description), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has gone; not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0)
+    preset, files, pairs = None, [], []
     i = 0
     while i < len(args):
         a = args[i]
@@ -334,23 +351,79 @@ def load_config(argv: list[str]) -> Config:
         key = {"run-dir": "run_dir"}.get(key, key)
         if key == "preset":
             preset = val
+        elif key == "config":
+            files.append(val)
         else:
             pairs.append((key, val))
         i += 1
+    loaded = [(f, read_config_file(f)) for f in files]
+    where = "--preset"
+    if preset is None:
+        named = [(f, d["preset"]) for f, d in loaded if "preset" in d]
+        where, preset = named[-1] if named else ("--preset", "cifar10")
     if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"{where}: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[preset]()
-    for key, val in pairs:
-        try:
-            set_key(cfg, key, val)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
     try:
+        for f, d in loaded:
+            apply_dict(cfg, {k: v for k, v in d.items() if k != "preset"}, f)
+        for key, val in pairs:
+            set_key(cfg, key, val)
         return cfg.validate()
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- help
+_USAGE = ("usage: python train.py [-h] [--config FILE] [--preset NAME] [--run-dir DIR] [--resume none|auto|PATH] "
+          "[--debug]\n                       [--section.key=VALUE ...]")
+
+
+def _settings(cfg: Config) -> dict:
+    """{'section.key' (or a top-level key): value} of every setting."""
+    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not dataclasses.is_dataclass(getattr(cfg, f.name))}
+    for sec, section in _sections(cfg):
+        out.update({f"{sec}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)})
+    return out
+
+
+def _section_doc(cls) -> str:
+    doc = cls.__doc__ or ""
+    return "" if doc.startswith(cls.__name__ + "(") else doc.strip().splitlines()[0]  # dataclass's generated doc
+
+
+def help_text(description: str | None = None) -> str:
+    """Every setting as ``--section.key TYPE (default: V)`` and its description, by section, then the presets."""
+    base = Config()
+    top = field_docs(Config)
+    out = [_USAGE, ""] + ([description.strip(), ""] if description else [])
+    options = [
+        ("-h, --help", "print this help and exit"),
+        ("--config FILE", "a JSON config (YAML too when PyYAML is installed), full or partial, e.g. a run's config.json; "
+                          "its settings apply over the preset, the command line's over both; unknown keys are errors"),
+        ("--preset NAME", f"{' | '.join(PRESETS)} (default: {base.preset}; see 'presets' below); {top.get('preset', '')}"),
+        ("--run-dir DIR", f"(or --run_dir) {top.get('run_dir', '')} (default: {base.run_dir})"),
+        ("--resume VALUE", f"{top.get('resume', '')} (default: {base.resume})"),
+        ("--debug", "print the traceback of known failures too (or VSSL_DEBUG=1)"),
+    ]
+    out.append("options:")
+    out += [f"  {flag:<16}{text}" for flag, text in options]
+    for sec, section in _sections(base):
+        doc = _section_doc(type(section))
+        out += ["", f"{sec}: {doc}" if doc else f"{sec}:"]
+        docs = field_docs(type(section))
+        for name, tp in field_types(section).items():
+            out.append(f"  --{sec}.{name} {type_name(tp)}  (default: {show_value(getattr(section, name))})")
+            out.append(f"      {docs.get(name, '')}".rstrip())
+    out += ["", "presets (--preset NAME): each sets these over the defaults above"]
+    defaults = _settings(base)
+    for name, make in PRESETS.items():
+        diff = [f"{k}={show_value(v)}" for k, v in _settings(make()).items() if k != "preset" and v != defaults[k]]
+        out += textwrap.wrap(" ".join(diff) or "(the defaults)", 118, initial_indent=f"  {name:<13}",
+                             subsequent_indent=" " * 15, break_on_hyphens=False)
+    return "\n".join(out)
 
 
 def config_from_dict(d: dict) -> Config:

@@ -12,9 +12,12 @@ Features come from the student backbone in eval mode (``EVAL_NETWORK``; the comm
 images, no autocast, whatever the training precision) or under bf16 autocast (``eval.feature_dtype=bf16``,
 on any device; the CIFAR loaders then hand bf16 images). The trainer and the commands share these rules.
 
-Commands:
+Commands (one process, or every GPU of a node with torchrun: features are extracted in shards, the
+linear head trains as DistributedDataParallel on slices of each global batch, and rank 0 writes the
+result, the same as one process gives within round-off):
     python -m vssl_fast.evaluate knn    --ckpt RUN/checkpoints/step_XXXXXXXX.pt [--k 20,200 --t 0.07,0.1]
     python -m vssl_fast.evaluate linear --ckpt RUN/checkpoints/step_XXXXXXXX.pt [--epochs 100]
+    torchrun --standalone --nproc_per_node=8 -m vssl_fast.evaluate linear --ckpt ... [--batch-size 256]
 (any ``--section.key=value`` of the training config may follow, e.g. ``--data.path=...``).
 """
 
@@ -57,11 +60,15 @@ def _backbone_features(backbone, x, device, amp_dtype) -> torch.Tensor:
         return backbone(x).float()
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor's first dimension over ranks (sizes may differ by rank)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world = _world()
+    if world == 1:
         return t
-    world = dist.get_world_size()
     n = torch.tensor([t.shape[0]], device=t.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
@@ -143,40 +150,70 @@ def knn_eval(backbone, bank_loader, val_loader, device, ks, ts, num_classes, chu
     return out
 
 
-def array_linear_batches(images, labels, batch_size, crop_size, mean, std, seed):
-    """Offline-linear training batches for a device-resident array dataset: RRC (0.08, 1) + flip."""
+def _rank_rows(batch_size: int, rank: int, world: int) -> slice:
+    """This rank's rows of a global batch (the ranks' slices in rank order make the batch)."""
+    if batch_size % world:
+        raise ValueError(f"the linear batch ({batch_size}) must split evenly over {world} processes")
+    b = batch_size // world
+    return slice(rank * b, (rank + 1) * b)
+
+
+def array_linear_batches(images, labels, batch_size, crop_size, mean, std, seed, rank=0, world=1):
+    """Offline-linear training batches for a device-resident array dataset: RRC (0.08, 1) + flip.
+
+    ``batch_size`` is the global batch; each of ``world`` ranks yields its slice of every batch, with
+    the pixels one process would give those rows (the parameters are drawn for the whole batch)."""
     from vssl_fast.data.augment import ViewSpec, augment
-    from vssl_fast.data.loader import batch_seed
+    from vssl_fast.data.loader import batch_seed, epoch_indices
 
     spec = ViewSpec(crop_size=crop_size, jitter_p=0.0, gray_p=0.0, mean=mean, std=std)
-    n = images.shape[0]
+    n, rows = images.shape[0], _rank_rows(batch_size, rank, world)
 
     def batches(epoch):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(batch_seed(seed, 0, epoch, -1)))
-        perm = perm.to(images.device)
-        for s in range(0, n - batch_size + 1, batch_size):
-            idx = perm[s:s + batch_size]
-            g = torch.Generator(device=images.device).manual_seed(batch_seed(seed, 0, epoch, s))
-            yield augment(images.index_select(0, idx), spec, g), labels.index_select(0, idx)
+        order = epoch_indices(n, seed, epoch, n // batch_size, 1, batch_size, 0).to(images.device)  # [steps, batch]
+        for s, idx in enumerate(order):
+            g = torch.Generator(device=images.device).manual_seed(batch_seed(seed, 0, epoch, s * batch_size))
+            yield augment(images.index_select(0, idx), spec, g, rows=rows), labels.index_select(0, idx[rows])
 
     return batches
 
 
-def folder_linear_batches(train_dir, batch_size, crop_size, workers, seed, device):
-    """Offline-linear training batches for an image folder: RandomResizedCrop (bicubic) + flip, torchvision."""
+class _SeededSamples(torch.utils.data.Dataset):
+    """Sample i of one epoch with its transform seeded by (seed, epoch, i): the same crop and flip whichever
+    process or worker loads it, so any number of processes trains on what one process would."""
+
+    def __init__(self, ds, seed: int, epoch: int):
+        self.ds, self.seed, self.epoch = ds, seed, epoch
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        from vssl_fast.data.loader import batch_seed
+
+        x, y, _ = self.ds.load(i, batch_seed(self.seed, 0, self.epoch, i))
+        return x, y
+
+
+def folder_linear_batches(train_dir, batch_size, crop_size, workers, seed, device, rank=0, world=1):
+    """Offline-linear training batches for an image folder: RandomResizedCrop (bicubic) + flip, torchvision.
+
+    ``batch_size`` is the global batch; each of ``world`` ranks loads only its slice of every batch."""
     from torchvision import transforms as T
 
     from vssl_fast.data.augment import MEANS_STDS
     from vssl_fast.data.folder_files import SkippingImageFolder
+    from vssl_fast.data.loader import epoch_indices
 
     mean, std = MEANS_STDS["imagenet"]
     tf = T.Compose([T.RandomResizedCrop(crop_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                     T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
     ds = SkippingImageFolder(train_dir, tf)
+    rows = _rank_rows(batch_size, rank, world)
 
     def batches(epoch):
-        g = torch.Generator().manual_seed(seed * 7919 + epoch)
-        dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, generator=g,
+        order = epoch_indices(len(ds), seed, epoch, len(ds) // batch_size, 1, batch_size, 0)[:, rows]
+        dl = torch.utils.data.DataLoader(_SeededSamples(ds, seed, epoch), batch_sampler=order.tolist(),
                                          num_workers=workers, pin_memory=device.type == "cuda")
         for x, y in dl:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -185,13 +222,17 @@ def folder_linear_batches(train_dir, batch_size, crop_size, workers, seed, devic
 
 
 def linear_eval(backbone, train_batches, val_loader, num_classes, device, *, epochs=100, batch_size=256, lr=0.3,
-                amp_dtype=None, log=print) -> dict:
+                amp_dtype=None, log=print, seed=0) -> dict:
     """Offline linear protocol (§3.6): frozen backbone in eval mode, a fresh Linear, SGD momentum 0.9,
-    lr 0.3 x batch/256, wd 0, MultiStep x0.1 at 60% and 80% of the epochs (60 and 80 of 100)."""
+    lr 0.3 x batch/256, wd 0, MultiStep x0.1 at 60% and 80% of the epochs (60 and 80 of 100).
+
+    Under torchrun each process trains on its slice of every global batch of ``batch_size`` and the
+    head is a DistributedDataParallel module (gradients averaged: the global batch's mean loss)."""
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-    head = None
+    world = _world()
+    head = lin = None
     opt = sched = None
     for ep in range(epochs):
         loss = None
@@ -199,7 +240,13 @@ def linear_eval(backbone, train_batches, val_loader, num_classes, device, *, epo
             with torch.no_grad():
                 f = _backbone_features(backbone, x, device, amp_dtype)
             if head is None:
-                head = torch.nn.Linear(f.shape[1], num_classes).to(device)
+                with torch.random.fork_rng(devices=[]):  # the same initial head in one process or many
+                    torch.manual_seed(seed)
+                    lin = torch.nn.Linear(f.shape[1], num_classes)
+                head = lin = lin.to(device)
+                if world > 1:
+                    head = torch.nn.parallel.DistributedDataParallel(
+                        lin, device_ids=[device.index] if device.type == "cuda" else None)
                 opt = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=0.9, weight_decay=0.0)
                 sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(epochs * 0.6), int(epochs * 0.8)], gamma=0.1)
             loss = F.cross_entropy(head(f), y)
@@ -209,10 +256,15 @@ def linear_eval(backbone, train_batches, val_loader, num_classes, device, *, epo
         if sched is None:
             raise ValueError("linear_eval: the training split gave no full batch")
         sched.step()
+        last = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(last)  # the global batch's loss, as one process computes it
+            last /= world
         if (ep + 1) % max(1, epochs // 10) == 0:
-            log(f"linear epoch {ep + 1}/{epochs} loss {loss.item():.4f}")
+            log(f"linear epoch {ep + 1}/{epochs} loss {last.item():.4f}")
     feats, labels = extract_features(backbone, val_loader, device, amp_dtype)
-    return topk_accuracy(head(feats), labels, "linear")
+    with torch.no_grad():
+        return {**topk_accuracy(lin(feats), labels, "linear"), "linear_last_loss": last.item()}
 
 
 # ----------------------------------------------------------------------------- commands
@@ -254,31 +306,44 @@ def main(argv=None) -> int:
     ap.add_argument("--k", default="20,200")
     ap.add_argument("--t", default="0.07,0.1")
     ap.add_argument("--epochs", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=256, help="the linear protocol's global batch (split over processes)")
     ap.add_argument("--out", default="", help="write the result as JSON here")
     args, rest = ap.parse_known_args(argv)
-    from vssl_fast.data import build_data
+    from vssl_fast.distributed import cleanup, init_distributed
 
     cfg, bb = _load_backbone(args.ckpt, rest, args.network)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = init_distributed(cfg.dist.timeout_s)  # under torchrun: every process extracts and trains on its shard
+    try:
+        return _run(args, cfg, bb, info)
+    finally:
+        if info.enabled:
+            cleanup()
+
+
+def _run(args, cfg, bb, info) -> int:
+    """One evaluation command on this process's shard; rank 0 prints and writes the result."""
+    from vssl_fast.data import build_data
+
+    device, rank, world = info.device, info.rank, info.world
     bb = bb.to(device)
     try:
-        data = build_data(cfg, device)  # a DALI training pipeline is never built here (built on a first batch)
+        data = build_data(cfg, device, rank, world)  # a DALI training pipeline is never built here (built on a first batch)
     except FileNotFoundError as e:  # e.g. the data moved since training: one line, exit 4 (data), as train.py
         print(f"error: {str(e).splitlines()[0]} (the checkpoint's data.path is {cfg.data.path!r}; pass "
               "--data.path=DIR to read the data elsewhere)", file=sys.stderr)
         return 4
     amp = feature_amp_dtype(cfg)  # the trainer's rule: eval.feature_dtype, not the training precision
-    meta = {"ckpt": str(args.ckpt), "eval_network": f"{args.network} backbone", "eval_feature_dtype": cfg.eval.feature_dtype}
+    meta = {"ckpt": str(args.ckpt), "eval_network": f"{args.network} backbone", "eval_feature_dtype": cfg.eval.feature_dtype,
+            "world_size": world}
     if args.command == "knn":
         ks = [int(x) for x in args.k.split(",")]
         ts = [float(x) for x in args.t.split(",")]
-        val = extract_features(bb, data.val, device, amp)
+        val = extract_features(bb, data.val, device, amp)  # sharded over the ranks, gathered on every rank
         res = knn_eval(bb, data.bank, data.val, device, ks, ts, data.num_classes, cfg.eval.knn_chunk, amp,
                        val_feats=val)
         res["val_size"] = int(val[1].shape[0])
     else:
-        bs = args.batch_size
+        bs = args.batch_size  # the global batch: each process trains on batch / world of it
         if hasattr(data.train, "images"):  # CIFAR on the device; solo-learn has no CIFAR protocol: RRC 32 + flip
             from vssl_fast.data import eval_input_dtype
             from vssl_fast.data.loader import DeviceEvalLoader
@@ -286,10 +351,10 @@ def main(argv=None) -> int:
             # train and validate with the same statistics: the dataset's (CIFAR-100's for cifar100), as pretraining
             mean, std = data.train.specs[0].mean, data.train.specs[0].std
             batches = array_linear_batches(data.train.images, data.train.labels, bs, cfg.data.crop_size,
-                                           mean, std, cfg.train.seed)
-            val = DeviceEvalLoader(data.val.images, data.val.labels, max(bs, 256), mean, std,
+                                           mean, std, cfg.train.seed, rank, world)
+            val = DeviceEvalLoader(data.val.images, data.val.labels, max(bs, 256), mean, std, rank, world,
                                    out_dtype=eval_input_dtype(cfg))
-            n_val = len(val.idx)
+            n_val = data.val.images.shape[0]
         else:  # ImageNet-100 and other folders: §3.6 as written
             from pathlib import Path
 
@@ -297,19 +362,22 @@ def main(argv=None) -> int:
             from vssl_fast.data.folder_files import default_workers
 
             root, workers = Path(cfg.data.path), default_workers(cfg.data.workers, cap=4)  # min(4, cores) unless set
-            batches = folder_linear_batches(root / "train", bs, cfg.data.crop_size, workers, cfg.train.seed, device)
+            batches = folder_linear_batches(root / "train", bs, cfg.data.crop_size, workers, cfg.train.seed, device,
+                                            rank, world)
             # solo-learn's DALI linear pipeline resizes the validation images bicubically (256 -> 224 crop)
             crop = cfg.data.crop_size
-            val = FolderEvalLoader(data.val.root, bs, 0, 1, device, workers, crop=crop, resize=round(crop * 256 / 224),
-                                   interpolation="bicubic")
+            val = FolderEvalLoader(data.val.root, bs, rank, world, device, workers, crop=crop,
+                                   resize=round(crop * 256 / 224), interpolation="bicubic")
             n_val = val.num_samples
-        res = linear_eval(bb, batches, val, data.num_classes, device, epochs=args.epochs, batch_size=bs, amp_dtype=amp)
+        res = linear_eval(bb, batches, val, data.num_classes, device, epochs=args.epochs, batch_size=bs, amp_dtype=amp,
+                          log=print if info.is_main else (lambda *_: None), seed=cfg.train.seed)
         res["val_size"] = n_val
     res.update(meta)
-    print(json.dumps(res, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+    if info.is_main:  # written once
+        print(json.dumps(res, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=2)
     return 0
 
 

@@ -16,64 +16,48 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from vssl_fast import losses
+from vssl_fast.typed import check_choices
 
 __all__ = ["MethodConfig", "compute_loss", "train_step", "LossOutput"]
-
-_CHOICES = {
-    "method": ("vssl", "byol"),
-    "divergence": ("cosine", "gaussian"),
-    "var_param": ("raw", "logvar", "softplus"),
-    "denoiser_input": ("sample", "params"),
-    "ll_target": ("teacher", "student_detached"),
-    "head": ("shared_split", "separate_mlps"),
-    "gaussian_reduction": ("sum", "mean"),
-    "impl": ("auto", "fused", "reference"),
-    "teacher_buffers": ("own", "copy"),
-}
-
 
 @dataclass
 class MethodConfig:
     """Every flag of METHOD.md §1.7 (defaults = the spec's recommended reading)."""
 
-    method: str = "vssl"  # vssl | byol (the control: same backbone/projector/predictor, loss 2 - 2cos)
-    proj_hidden_dim: int = 4096
+    method: Literal["vssl", "byol"] = "vssl"  # byol: the control (same backbone/projector/predictor, loss 2 - 2cos)
+    proj_hidden_dim: int = 4096  # projector hidden width H_p
     proj_output_dim: int = 256  # latent d; VSSL heads output 2d
-    pred_hidden_dim: int = 4096  # 8192 for imagenet-100
-    denoiser_hidden_dim: int = 4096
-    divergence: str = "cosine"  # cosine | gaussian (gaussian is never fused)
-    var_param: str = "raw"  # raw | logvar | softplus; gaussian needs logvar or softplus
-    abs_noise: bool | None = None  # eps ~ |N(0,1)|; None = true for cosine, false for gaussian
-    kl_beta: float = 3.0
-    ll_beta: float = 1.0
-    lambda_kl: float = 1.0
-    lambda_ll: float = 1.0
-    ll_sign: int = 1  # +1: eq.(10) is a cost (A3); -1: literal L_KL - L_ll
-    teacher_predictor: bool = False  # A1
-    same_view_pairs: bool = False  # A2
-    denoiser_input: str = "sample"  # A4: sample | params
-    ll_target: str = "teacher"  # A4: teacher | student_detached
-    head: str = "shared_split"  # shared_split | separate_mlps
-    gaussian_reduction: str = "sum"  # A11: sum | mean over dims
-    logvar_clamp: tuple[float, float] = (-10.0, 10.0)
-    teacher_buffers: str = "own"  # see vssl_fast.models
-    impl: str = "auto"  # auto | fused | reference
+    pred_hidden_dim: int = 4096  # predictor hidden width H_q (8192 for imagenet-100)
+    denoiser_hidden_dim: int = 4096  # hidden width H_n of the two denoisers
+    divergence: Literal["cosine", "gaussian"] = "cosine"  # the KL term (gaussian is never fused)
+    var_param: Literal["raw", "logvar", "softplus"] = "raw"  # the variance head's output; gaussian needs logvar or softplus
+    abs_noise: bool | None = None  # eps ~ |N(0,1)|; none: true for cosine, false for gaussian
+    kl_beta: float = 3.0  # the softplus sharpness of the cosine KL
+    ll_beta: float = 1.0  # the softplus sharpness of the cosine log-likelihood
+    lambda_kl: float = 1.0  # the weight of the KL term
+    lambda_ll: float = 1.0  # the weight of the log-likelihood term
+    ll_sign: Literal[1, -1] = 1  # +1: eq.(10) is a cost (A3); -1: literal L_KL - L_ll
+    teacher_predictor: bool = False  # A1: the teacher has an EMA predictor too
+    same_view_pairs: bool = False  # A2: also pair each view with itself
+    denoiser_input: Literal["sample", "params"] = "sample"  # A4: what the denoisers read
+    ll_target: Literal["teacher", "student_detached"] = "teacher"  # A4: what the log-likelihood scores against
+    head: Literal["shared_split", "separate_mlps"] = "shared_split"  # one MLP split into mean and variance, or two
+    gaussian_reduction: Literal["sum", "mean"] = "sum"  # A11: over dims
+    logvar_clamp: tuple[float, float] = (-10.0, 10.0)  # the log-variance range of var_param=logvar
+    teacher_buffers: Literal["own", "copy"] = "own"  # the teacher's BatchNorm buffers (see vssl_fast.models)
+    impl: Literal["auto", "fused", "reference"] = "auto"  # the loss core: fused Triton ops or the reference losses
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> MethodConfig:
-        for key, choices in _CHOICES.items():
-            val = getattr(self, key)
-            if val not in choices:
-                raise ValueError(f"method.{key}: invalid value {val!r}; choose one of {list(choices)}")
-        if self.ll_sign not in (1, -1):
-            raise ValueError(f"method.ll_sign: must be +1 or -1, got {self.ll_sign!r}")
+        check_choices(self, "method")
         for key in ("kl_beta", "ll_beta"):
             if not float(getattr(self, key)) > 0:
                 raise ValueError(f"method.{key}: must be > 0, got {getattr(self, key)!r}")

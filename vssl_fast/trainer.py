@@ -43,7 +43,7 @@ from vssl_fast.data import build_data, reading_data
 from vssl_fast.distributed import cleanup, init_distributed
 from vssl_fast.evaluate import EVAL_NETWORK, extract_features, feature_amp_dtype, knn_eval, online_eval
 from vssl_fast.models import SSLModel
-from vssl_fast.monitor import Monitor, setup_logging
+from vssl_fast.monitor import Monitor, require_wandb, setup_logging
 from vssl_fast.optim import build_optimizer
 from vssl_fast.step import CudaGraphs, TrainStep
 from vssl_fast.syncbn import convert_sync_batchnorm, use_sync_batchnorm
@@ -98,6 +98,8 @@ def resolve_compile_mode(mode: str, device: torch.device, crop_size: int) -> str
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        if cfg.log.wandb:
+            require_wandb()  # asked for and missing: one line (exit 2) before anything starts
         self.dist = init_distributed(cfg.dist.timeout_s, capture=cfg.train.graph == "on")
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
@@ -154,7 +156,8 @@ class Trainer:
                                  self.scaler, self.dist.enabled, cfg.train.seed, self.dist.rank, graph=graph,
                                  graphs=graphs, warmup=DDP_GRAPH_WARMUP if self.dist.enabled else None)
         self.history: list[dict] = []
-        self.monitor = Monitor(self.run_dir, self.dist.is_main, cfg.log.tensorboard, cfg.log.progress)
+        self.monitor = Monitor(self.run_dir, self.dist.is_main, cfg.log.tensorboard, cfg.log.progress,
+                               cfg.log.wandb_project if cfg.log.wandb else None, cfg.to_dict())
         self._saved_step = None  # the step of the newest checkpoint this process wrote
         self._pending_eval = None  # [epoch, knn] of an evaluation a stop interrupted: saved, rerun on resume
         self.log.info("model: %s %s (%d student params), %s optimizer (%s), precision %s, channels-last %s, "
@@ -359,7 +362,7 @@ class Trainer:
                + f" wait {100 * row['data_wait']:.0f}% step {row['step_time_ms']:.0f}ms"
                + (f" mem {row['peak_mem_gb']:.1f}G" if "peak_mem_gb" in row else "")
                + f" eta {remaining / 60:.1f}min" + (f" skipped {skipped}" if skipped else ""))
-        self.monitor.bar(self.step, self.total_steps, msg) if self.monitor.progress else self.log.info(msg)
+        self.monitor.step_line(self.log, self.step, self.total_steps, msg)  # train.log always; the bar on a terminal
 
     def _check_skips(self, seen: list[tuple[int, int]]) -> None:
         """Stop at the first step whose run of consecutive skipped steps reached the limit. The counts

@@ -1,6 +1,7 @@
 """Evaluation protocol: the kNN bank subset, feature dtypes, results fields, the evaluate commands end to end."""
 
 import json
+import subprocess
 import tarfile
 
 import numpy as np
@@ -170,3 +171,56 @@ def test_linear_command_on_an_image_folder(tiny_run, jpeg_folder, tmp_path, monk
     assert res["val_size"] == 20
     # solo-learn's DALI linear pipeline: validation resize bicubic
     assert val.ds.transform.transforms[0].interpolation == InterpolationMode.BICUBIC
+
+
+# ----------------------------------------------------------------------------- several processes
+def test_linear_batches_of_two_ranks_are_the_one_process_batches(cifar_tiny_tar, jpeg_folder, tmp_path):
+    """Each rank's slice of every global batch holds the pixels and labels one process gives in those rows
+    (array and folder paths), so a DDP head trains on what one process trains on."""
+    data = build_data(_cfg(cifar_tiny_tar, tmp_path / "c"), CPU)
+    mean, std = MEANS_STDS["cifar10"]
+    one = list(evaluate.array_linear_batches(data.train.images, data.train.labels, 16, 32, mean, std, 5)(1))
+    ranks = [list(evaluate.array_linear_batches(data.train.images, data.train.labels, 16, 32, mean, std, 5, r, 2)(1))
+             for r in (0, 1)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 200 // 16
+    for (x, y), (x0, y0), (x1, y1) in zip(one, *ranks):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    fone = list(evaluate.folder_linear_batches(jpeg_folder / "train", 8, 16, 0, 5, CPU)(0))
+    franks = [list(evaluate.folder_linear_batches(jpeg_folder / "train", 8, 16, 1, 5, CPU, r, 2)(0)) for r in (0, 1)]
+    assert len(fone) == len(franks[0]) == 40 // 8
+    for (x, y), (x0, y0), (x1, y1) in zip(fone, *franks):  # workers=1 vs in-process: seeded per sample
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    with pytest.raises(ValueError, match="must split evenly over 3 processes"):
+        evaluate.array_linear_batches(data.train.images, data.train.labels, 16, 32, mean, std, 5, 0, 3)
+
+
+def test_evaluate_under_torchrun_matches_one_process(tiny_run, cifar_tiny_tar, tmp_path):
+    """torchrun -m vssl_fast.evaluate used one process's work on every rank (no distributed init). Both runs on the
+    CPU (gloo), also on a GPU machine, whose one card cannot host two ranks."""
+    import sys
+
+    from helpers_train import REPO, env
+
+    run, cache = tiny_run
+    ck = str(ckpt.find_latest(run / "checkpoints"))
+    common = ["--ckpt", ck, f"--data.path={cifar_tiny_tar}", f"--data.cache_dir={cache}", "--data.val_subset=40"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for command, extra, key in (("knn", [], "knn_k20_t0.07_top1"),
+                                ("linear", ["--epochs", "2", "--batch-size", "32", "--data.train_subset=96"], "linear_top1")):
+        res = {}
+        for n, launcher in ((1, [sys.executable]), (2, torchrun)):
+            out = tmp_path / f"{command}{n}.json"
+            r = subprocess.run(launcher + ["-m", "vssl_fast.evaluate", command, *common, *extra, "--out", str(out)],
+                               cwd=REPO, env=env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            assert r.stdout.count(f'"{key}"') == 1  # printed once, by rank 0
+            res[n] = json.loads(out.read_text())
+        one, two = res[1], res[2]
+        assert (one["world_size"], two["world_size"]) == (1, 2) and one["val_size"] == two["val_size"] == 40
+        for k, v in one.items():
+            if k == "linear_last_loss":  # DDP averages the two halves' gradients: round-off only
+                assert two[k] == pytest.approx(v, rel=1e-4, abs=1e-5)
+            elif k.endswith(("_top1", "_top5")):
+                assert two[k] == v, f"{command} {k}: one process {v}, two processes {two[k]}"
+            elif k not in ("world_size",):
+                assert two[k] == v, k

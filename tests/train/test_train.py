@@ -187,4 +187,4 @@ def test_linear_eval_on_an_image_folder(tmp_path):
     batches = folder_linear_batches(tmp_path / "train", 4, 24, 0, 0, dev)
     val = FolderEvalLoader(tmp_path / "val", 8, 0, 1, dev, 0, crop=24, resize=28)
     res = linear_eval(bb, batches, val, 2, dev, epochs=3, batch_size=4, log=lambda *_: None)
-    assert set(res) == {"linear_top1", "linear_top5"} and res["linear_top5"] == 100.0
+    assert set(res) == {"linear_top1", "linear_top5", "linear_last_loss"} and res["linear_top5"] == 100.0

@@ -275,10 +275,15 @@ def finish(x: torch.Tensor, p: dict, spec: ViewSpec) -> torch.Tensor:
     return normalize(x, spec.mean, spec.std)
 
 
-def augment(x_uint8: torch.Tensor, spec: ViewSpec, g: torch.Generator) -> torch.Tensor:
-    """One augmented view of a uint8 batch [n, 3, H, W] (device-resident), float32 normalised."""
+def augment(x_uint8: torch.Tensor, spec: ViewSpec, g: torch.Generator, rows: slice | None = None) -> torch.Tensor:
+    """One augmented view of a uint8 batch [n, 3, H, W] (device-resident), float32 normalised.
+
+    ``rows``: only those rows of the batch, with the parameters drawn for all n (a process's slice of
+    a global batch, pixel for pixel what the whole batch gives there)."""
     n, _, H, W = x_uint8.shape
     p = sample_params(spec, n, H, W, g, x_uint8.device)
+    if rows is not None:
+        x_uint8, p = x_uint8[rows], {k: v[rows] for k, v in p.items()}
     x = x_uint8.float().div_(255.0)
     x = resized_crop(x, p["top"], p["left"], p["height"], p["width"], spec.crop_size).clamp_(0.0, 1.0)
     return finish(x, p, spec)
