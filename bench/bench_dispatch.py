@@ -242,6 +242,37 @@ def _tiny_step(device, channels_last=True, graph: str = "off", ddp: bool = False
     return step, (xs[0], xs[1], y)
 
 
+SYNCBN_FUSED = ("stats", "gather_stats_with_counts", "elemt", "backward_reduce", "backward_elemt")
+
+
+@contextlib.contextmanager
+def cuda_shaped_syncbn(counter: OpCounter):
+    """SyncBatchNorm's per-channel primitives as a CUDA rank runs them: each ``CpuOps`` call (the CPU
+    twin of one fused CUDA kernel of ``CudaOps``) counts as that one kernel, its plain-PyTorch ops
+    unseen, so a CPU count of the DDP step stands for a GPU rank's."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from vssl_fast import syncbn
+
+    saved = {name: syncbn.CpuOps.__dict__[name] for name in SYNCBN_FUSED}
+
+    def fused(name, fn):
+        def run(*a):
+            counter.ops[f"batch_norm_{name}"] += 1
+            counter.cuda_launches += 1
+            with _disable_current_modes():
+                return fn(*a)
+        return staticmethod(run)
+
+    for name, fn in saved.items():
+        setattr(syncbn.CpuOps, name, fused(name, fn.__func__))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(syncbn.CpuOps, name, fn)
+
+
 def count_step(device, channels_last=True, timed=False, graph: str = "off", ddp: bool = False) -> dict:
     """One step after a warm one. ``graph='static'`` is the graph-ready step: what a CUDA graph
     captures (each launch a node of the graph), with gradients kept and zeroed in place. ``ddp``: the
@@ -253,7 +284,7 @@ def count_step(device, channels_last=True, timed=False, graph: str = "off", ddp:
     with OpCounter().counting(dispatch=False):
         step(*batch)  # first step: optimizer state, pointer tables
     c = OpCounter()
-    with c.counting():
+    with c.counting(), (cuda_shaped_syncbn(c) if ddp and device.type != "cuda" else contextlib.nullcontext()):
         step(*batch)
     times = []
     with OpCounter().counting(dispatch=False):  # kernels not run: host work only

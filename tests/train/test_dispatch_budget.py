@@ -105,3 +105,33 @@ def test_multi_tensor_calls_launch_and_dispatch_budget():
         got = res[name]
         assert got["triton_launches"] == launches, f"{name}: {got['triton_launches']} Triton launches, recorded {launches}"
         assert got["aten_ops"] <= aten, f"{name}: {got['aten_ops']} ATen ops per call ({got['ops']}), recorded {aten}"
+
+
+# One rank of a 2-process DDP step (issue 25), SyncBatchNorm's primitives counted as the fused CUDA kernels
+# they stand in for (bench_dispatch.cuda_shaped_syncbn), Triton launches counted, not run. Before issue 25
+# a CUDA rank ran torch.nn.SyncBatchNorm: 3 boolean-mask indexings (each a blocking host sync) per call,
+# ~90 calls per step; the CPU twin then (GlooSyncBatchNorm) had no sync but ~40 ops per call.
+RECORDED_DDP = {"off": {"step_aten": 3004, "step_cuda": 1944}, "static": {"step_aten": 3080, "step_cuda": 2108}}
+
+
+def test_ddp_step_dispatch_budget():
+    """torchrun, 2 gloo processes: every count under its bound, no host sync, no per-tensor foreach fallback."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers_train import REPO, env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "bench.bench_dispatch", "--ddp", "--json"]
+    r = subprocess.run(cmd, cwd=REPO, env=env(TRITON_INTERPRET="1", PYTHONPATH=str(REPO)), capture_output=True,
+                       text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for graph, rec in RECORDED_DDP.items():
+        got = res[graph]
+        assert not got["syncs"], f"{graph}: host syncs in the DDP step: {got['syncs']}"
+        assert not got["mixed_foreach"] and not got["slow_foreach"], f"{graph}: {got['slow_foreach']}"
+        assert got["aten_ops"] <= _bound("step_aten", rec), f"{graph}: {got['aten_ops']} ATen ops; {got['top_ops']}"
+        assert got["cuda_launches"] <= _bound("step_cuda", rec), f"{graph}: {got['cuda_launches']} modelled launches"
+        assert got["triton_launches"] >= 10
