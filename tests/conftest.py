@@ -25,6 +25,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _package_logger_restored():
+    """An in-process Trainer configures the package logger (its own handlers, no propagation); put it
+    back after every test, so a later test's caplog sees the package's records whatever the order."""
+    import logging
+
+    log = logging.getLogger("vssl_fast")
+    saved = (list(log.handlers), log.propagate, log.level)
+    yield
+    for h in list(log.handlers):
+        if h not in saved[0]:
+            log.removeHandler(h)
+            h.close()
+    log.handlers[:] = saved[0]
+    log.propagate, log.level = saved[1], saved[2]
+
+
 @pytest.fixture
 def kernel_device():
     """CUDA when present, else the CPU under TRITON_INTERPRET=1."""
