@@ -32,7 +32,6 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-
 # ops that launch nothing on a CUDA device: views (outputs alias an input) and bare allocations
 _NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view",
               "_reshape_alias", "lift_fresh", "set_", "resize_", "_has_compatible_shallow_copy_type"}

@@ -341,7 +341,6 @@ class Trainer:
         return self._finish(last_eval, time.time() - t_start)
 
     def _log_step(self, parts, epoch, t_log, n, wait, views_per_step, t_start):
-        cfg = self.cfg
         vals = {k: float(v) for k, v in parts.items()}  # the log point: one host sync
         skipped = int(self.stepper.skipped)
         self.stepper.sync_host()  # the LRs the device schedule gave this step, for the row
