@@ -36,7 +36,14 @@ def env(**kw) -> dict:
     return e
 
 
+# multi-process CPU tests (gloo) on a GPU machine: a rank would otherwise take cuda:LOCAL_RANK, which a
+# one-GPU machine does not have for rank 1
+CPU_RANKS = {"CUDA_VISIBLE_DEVICES": ""}
+
+
 def run_train(args: list[str], launcher: list[str] | None = None, timeout: int = 600, **envkw):
+    if launcher:
+        envkw = {**CPU_RANKS, **envkw}
     cmd = (launcher or [sys.executable]) + [str(REPO / "train.py")] + args
     return subprocess.run(cmd, cwd=REPO, env=env(**envkw), capture_output=True, text=True, timeout=timeout)
 

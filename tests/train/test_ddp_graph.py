@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers_train import REPO, env, tiny_args
+from helpers_train import CPU_RANKS, REPO, env, tiny_args
 
 from vssl_fast import trainer
 from vssl_fast.distributed import DistInfo
@@ -26,7 +26,7 @@ def _run(tmp_path, name, graph, bad="3", crash=0, resume=False, force_broadcast=
     out = tmp_path / f"{name}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out),
            bad, str(crash)] + (["--force-broadcast"] if force_broadcast else []) + ["--"] + args
-    r = subprocess.run(cmd, cwd=REPO, env=env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, cwd=REPO, env=env(PYTHONPATH=str(REPO), **CPU_RANKS), capture_output=True, text=True, timeout=900)
     return r, (torch.load(out, weights_only=True) if out.exists() else None)
 
 

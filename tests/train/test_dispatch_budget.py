@@ -120,11 +120,11 @@ def test_ddp_step_dispatch_budget():
     import subprocess
     import sys
 
-    from helpers_train import REPO, env
+    from helpers_train import CPU_RANKS, REPO, env
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "bench.bench_dispatch", "--ddp", "--json"]
-    r = subprocess.run(cmd, cwd=REPO, env=env(TRITON_INTERPRET="1", PYTHONPATH=str(REPO)), capture_output=True,
+    r = subprocess.run(cmd, cwd=REPO, env=env(TRITON_INTERPRET="1", PYTHONPATH=str(REPO), **CPU_RANKS), capture_output=True,
                        text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])

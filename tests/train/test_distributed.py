@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers_train import REPO, env, run_train, tiny_args, train_rows
+from helpers_train import CPU_RANKS, REPO, env, run_train, tiny_args, train_rows
 
 
 def _free_port() -> int:
@@ -50,7 +50,7 @@ def test_two_node_launch_matches_single_node(two_proc, cifar_tiny_tar, tmp_path)
     for node in (0, 1):
         cmd = _torchrun("--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--rdzv_backend=c10d",
                         f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=vssl-test", "--max_restarts=0")
-        procs.append(subprocess.Popen(cmd + [str(REPO / "train.py"), *args], cwd=REPO, env=env(),
+        procs.append(subprocess.Popen(cmd + [str(REPO / "train.py"), *args], cwd=REPO, env=env(**CPU_RANKS),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
