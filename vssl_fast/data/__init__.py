@@ -65,6 +65,9 @@ def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> Data
         arr = load_cifar_arrays(d.path, d.dataset, d.cache_dir, d.download)
         tx, ty, vx, vy = arr.train_x, arr.train_y, arr.test_x, arr.test_y
         # subsets are a fixed random sample (files come class by class, so a prefix would be one class)
+        for key, want, have in (("train_subset", d.train_subset, len(tx)), ("val_subset", d.val_subset, len(vx))):
+            if want > have:
+                log.warning("data.%s=%d but the data holds %d images: using all %d", key, want, have, have)
         if d.train_subset:
             keep = np.sort(np.random.default_rng(0).permutation(len(tx))[: d.train_subset])
             tx, ty = tx[keep], ty[keep]
