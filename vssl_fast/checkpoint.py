@@ -1,6 +1,6 @@
 """Checkpoints: atomic writes, retention, auto-resume, strict loading.
 
-A checkpoint ``step_00001234.pt`` is written as ``.tmp`` (flushed and fsynced), renamed into
+A checkpoint ``step_00001234.pt`` is written as ``.step_00001234.pt.<pid>.tmp`` (flushed and fsynced), renamed into
 place with ``os.replace``, and only then is its completeness marker ``step_00001234.pt.done``
 written (also fsynced). ``--resume auto`` takes the newest checkpoint that has its marker and
 loads; a file without its marker (a kill mid-write) is never chosen. The last ``keep`` (>= 2)
@@ -33,7 +33,7 @@ __all__ = ["save_checkpoint", "find_latest", "load_checkpoint", "check_compatibl
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
-_TMP = re.compile(r"^\.step_\d{8,}\.pt\.tmp$")
+_TMP = re.compile(r"^\.step_\d{8,}\.pt(\.\d+)?\.tmp$")  # .step_N.pt.<pid>.tmp (.step_N.pt.tmp before issue 26)
 # config fields that change the model's or the optimizer's structure: a resume across them is refused
 STRUCTURAL = [
     ("method", "method"), ("method", "proj_hidden_dim"), ("method", "proj_output_dim"), ("method", "pred_hidden_dim"),
@@ -59,7 +59,7 @@ def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep: int = 2)
     d = Path(ckpt_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step_{step:08d}.pt"
-    tmp = d / f".step_{step:08d}.pt.tmp"
+    tmp = d / f".step_{step:08d}.pt.{os.getpid()}.tmp"  # each process its own: two writers never share a temp
     state = dict(state, format_version=FORMAT_VERSION, step=step)
     marker = final.with_name(final.name + ".done")
     try:

@@ -36,11 +36,15 @@ class DistInfo:
 
     def any_true(self, flag: bool) -> bool:
         """True on every rank if any rank's flag is set (a CPU collective; no GPU sync)."""
+        return bool(self.max_int(1 if flag else 0)) if self.enabled else flag
+
+    def max_int(self, value: int) -> int:
+        """The largest of the ranks' ``value`` (an int32), on every rank (a CPU collective; no GPU sync)."""
         if not self.enabled:
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+            return value
+        t = torch.tensor([value], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.vote_group)
-        return bool(t.item())
+        return int(t.item())
 
     def barrier(self):
         if self.enabled:

@@ -280,7 +280,7 @@ def _load_backbone(ckpt_path, overrides, network="student"):
     cfg = config_from_dict(state["config"])
     for ov in overrides:
         if not ov.startswith("--") or "=" not in ov:
-            raise SystemExit(f"unexpected argument {ov!r}; overrides look like --section.key=value")
+            raise ConfigError(f"unexpected argument {ov!r}; overrides look like --section.key=value")
         k, v = ov[2:].split("=", 1)
         set_key(cfg, k, v)
     try:
@@ -291,8 +291,12 @@ def _load_backbone(ckpt_path, overrides, network="student"):
     pre = NETWORK_PREFIX[network]
     sd = {k[len(pre):]: v for k, v in state["model"].items() if k.startswith(pre)}
     if not sd:
-        raise SystemExit(f"{ckpt_path}: no '{pre}*' weights in the checkpoint's model (--network {network})")
-    bb.load_state_dict(sd, strict=True)
+        raise faults.CheckpointError(f"checkpoint {ckpt_path} has no '{pre}*' weights in its model (--network {network})")
+    try:
+        bb.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise faults.CheckpointError(f"checkpoint {ckpt_path}: its {network} backbone does not fit "
+                                     f"model.backbone={cfg.model.backbone!r}: {faults.one_line(e)}") from e
     return cfg, bb
 
 
@@ -322,16 +326,16 @@ def main(argv=None) -> int:
 
 def _run(args, cfg, bb, info) -> int:
     """One evaluation command on this process's shard; rank 0 prints and writes the result."""
-    from vssl_fast.data import build_data
+    from vssl_fast.data import build_data, reading_data
 
     device, rank, world = info.device, info.rank, info.world
     bb = bb.to(device)
     try:
-        data = build_data(cfg, device, rank, world)  # a DALI training pipeline is never built here (built on a first batch)
-    except FileNotFoundError as e:  # e.g. the data moved since training: one line, exit 4 (data), as train.py
-        print(f"error: {str(e).splitlines()[0]} (the checkpoint's data.path is {cfg.data.path!r}; pass "
-              "--data.path=DIR to read the data elsewhere)", file=sys.stderr)
-        return 4
+        with reading_data(cfg.data):  # a DALI training pipeline is never built here (built on a first batch)
+            data = build_data(cfg, device, rank, world)
+    except faults.DataError as e:  # e.g. the data moved since training: one line, exit 4 (data), as train.py
+        raise faults.DataError(f"{faults.one_line(e, 2000)} (the checkpoint's data.path is {cfg.data.path!r}; pass "
+                               "--data.path=DIR to read the data elsewhere)") from e
     amp = feature_amp_dtype(cfg)  # the trainer's rule: eval.feature_dtype, not the training precision
     meta = {"ckpt": str(args.ckpt), "eval_network": f"{args.network} backbone", "eval_feature_dtype": cfg.eval.feature_dtype,
             "world_size": world}
@@ -382,4 +386,4 @@ def _run(args, cfg, bb, info) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(faults.run(main, sys.argv[1:]))  # known failures: one line and train.py's exit codes

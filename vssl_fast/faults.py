@@ -1,15 +1,17 @@
 """Known failures: one clear line and a distinct exit code each; the stop flag that SIGTERM/SIGUSR1 set.
 
-``run(fn, argv)`` is ``train.py``'s whole error policy. A known failure prints one line naming the
-setting or file and returns its code; an unexpected exception is a bug and keeps its traceback.
+``run(fn, argv)`` is the whole error policy of ``train.py`` and of the other commands (evaluate,
+export, ``python -m vssl_fast.data``). A known failure prints one line naming the setting or file
+and returns its code; an unexpected exception is a bug and keeps its traceback.
 ``--debug`` (or ``VSSL_DEBUG=1``) prints the traceback of known failures too.
 
     code  meaning                                                     raised as
     0     finished
     1     a bug: an unexpected exception (traceback printed)
     2     config error: a bad key or value (named)                     config.ConfigError
-    3     the run dir holds another run and this start did not resume  RunDirError
-    4     data not found or unreadable (data.path named)              DataError
+    3     the run dir holds another run and this start did not resume, RunDirError
+          a live process holds it, or it is a file
+    4     data not found, unreadable, cut short, classes missing       DataError
     5     checkpoint missing, unloadable, non-finite or incompatible   CheckpointError
     6     non-finite run: train.max_consecutive_skips bad steps in a row NonFiniteError
     7     cannot write: disk full, quota, read-only or no permission   WriteError (or such an OSError)
@@ -123,12 +125,19 @@ def _is_distributed(e: BaseException) -> bool:
 
 
 def run(fn, argv: list[str]) -> int:
-    """Call ``fn(argv)`` (``--debug`` removed from argv) and turn its known failures into exit codes."""
+    """Call ``fn(argv)`` (``--debug`` removed from argv) and turn its known failures into exit codes.
+
+    ``fn`` returns None (exit 0) or its own exit code. While ``run`` is active, ``restore_signals``
+    leaves the stop handlers in place (a second SIGTERM while a stopping process saves, closes its
+    process group or prints is one more flag, not a death by the signal), so a stopped process
+    always ends with 143; the handlers stay until the process exits (``sys.exit(run(...))``).
+    """
     debug = "--debug" in argv or os.environ.get("VSSL_DEBUG", "0") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    _stop["held"] += 1
     try:
-        fn(argv)
-        return 0
+        rc = fn(argv)
+        return int(rc) if rc is not None else 0
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one place failures become exit codes
         code, line = classify(e)
         if code == 1 or debug:
@@ -136,10 +145,12 @@ def run(fn, argv: list[str]) -> int:
         prefix = "" if code in (2, Preempted.exit_code) else "error: "
         print(prefix + line, file=sys.stderr, flush=True)
         return code
+    finally:
+        _stop["held"] -= 1
 
 
 # ----------------------------------------------------------------------------- the stop flag
-_stop = {"requested": False, "vote": None, "previous": {}}
+_stop = {"requested": False, "vote": None, "previous": {}, "held": 0}  # held: inside run()
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -156,7 +167,15 @@ def install_stop_signals(vote=None) -> None:
 
 
 def restore_signals() -> None:
-    """Put back the handlers that were there before ``install_stop_signals``; forget the flag and vote."""
+    """Put back the handlers that were there before ``install_stop_signals``; forget the flag and vote.
+
+    Inside ``run`` (a command's whole life) only the vote is dropped: the stop signals keep setting
+    the flag until the process exits, so a signal after the save cannot turn exit 143 into a death by
+    SIGTERM (the default handler). A later call outside ``run`` restores the handlers.
+    """
+    if _stop["held"]:
+        _stop["vote"] = None
+        return
     for s, prev in _stop["previous"].items():
         signal.signal(s, prev)
     _stop.update(requested=False, vote=None, previous={})

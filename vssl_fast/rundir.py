@@ -1,5 +1,14 @@
 """The run directory: who owns it, and what a start may write into it, when.
 
+One process owns a run dir at a time (``claim``, the first thing a start does, before any data is
+read): rank 0 takes an exclusive ``fcntl.flock`` on ``RUN_DIR/.vssl_run.lock`` and holds it for the
+run's life. The kernel drops the lock when the process ends, however it ends (a SIGKILLed run's
+stale file locks again at once); a clean end removes the file. Of several starts into one dir at
+the same instant exactly one gets the lock; the others exit 3 with one line, having written
+nothing, and so does ``--resume auto`` into a dir a live process holds. The lock file is the only
+thing a start writes before it is accepted; a refused start removes it again, and the run dir too
+when the start created it. Under torchrun only rank 0 locks, and every rank raises alike.
+
 A start that does not resume (``--resume`` unset) into a directory that already holds a run
 (config.json, metrics, results or checkpoints) is refused before anything is written; so is an
 explicit ``--resume PATH`` into a directory holding a run that PATH is not part of
@@ -14,18 +23,24 @@ changed on resume, is kept as ``config.before_step_<N>.json``).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
+import socket
+import time
 from pathlib import Path
 
 from vssl_fast import checkpoint as ckpt
-from vssl_fast.faults import RunDirError
+from vssl_fast.faults import RunDirError, WriteError, classify
 from vssl_fast.monitor import attach_log_file
 
-__all__ = ["held_run", "refusal", "refuse_foreign", "accept", "trim_metrics", "write_config"]
+__all__ = ["held_run", "refusal", "claim", "RunDirLock", "LOCK_NAME", "accept", "trim_metrics", "write_config"]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "summary.md")
+LOCK_NAME = ".vssl_run.lock"
 
 
 def held_run(run_dir: str | Path) -> list[str]:
@@ -56,15 +71,117 @@ def refusal(run_dir: str | Path, resume: str) -> str | None:
     return None
 
 
-def refuse_foreign(run_dir: str | Path, resume: str, dist) -> None:
-    """Raise RunDirError on every rank when rank 0 finds the run dir taken (nothing is written)."""
-    why = refusal(run_dir, resume) if dist.is_main else None
-    if dist.any_true(why is not None):
-        raise RunDirError(why or "rank 0 refused the run dir (its message says why)")
+class RunDirLock:
+    """An exclusive ``flock`` on ``run_dir/.vssl_run.lock``, held until ``release`` or the process's end."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.path = self.dir / LOCK_NAME
+        self.fd: int | None = None
+        self.made_dir = False  # this process created the run dir: a refused start removes it again
+
+    def _not_a_dir(self) -> RunDirError:
+        return RunDirError(f"--run-dir {self.dir} is an existing file, not a directory (or lies under one); "
+                           "pass a directory: a new one for a new run")
+
+    def _holder(self) -> str:
+        with contextlib.suppress(OSError):
+            text = self.path.read_text().strip()
+            if text:
+                return text
+        return "its holder has not yet said who it is"
+
+    def acquire(self) -> None:
+        """Take the lock now or raise RunDirError (another live process holds it; the path is a file)."""
+        for _ in range(100):  # a retry only when a holder removed the file between our open and our lock
+            if not self.dir.is_dir():
+                if self.dir.exists():
+                    raise self._not_a_dir()
+                try:
+                    self.dir.mkdir(parents=True)
+                    self.made_dir = True
+                except FileExistsError:  # made meanwhile by a simultaneous start (or a file by someone else)
+                    if not self.dir.is_dir():
+                        raise self._not_a_dir() from None
+                except NotADirectoryError:
+                    raise self._not_a_dir() from None
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:  # the dir was removed meanwhile by a refused start that had made it
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise RunDirError(f"run dir {self.dir} is in use by another live process ({self._holder()}; lock "
+                                      f"{self.path}); two runs must never share a run dir: wait for it to end "
+                                      "(then --resume auto continues it), or pass a fresh --run-dir") from None
+                raise RunDirError(f"cannot lock {self.path}: {e.strerror} (a file system without flock?); put the "
+                                  "run dir on a local or lock-capable file system") from None
+            try:  # the file we locked must still be the one at the path: a holder removes it before unlocking
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            self.fd = fd
+            with contextlib.suppress(OSError):  # who holds it, for the refusal line of a later start
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                             .encode())
+            return
+        raise RunDirError(f"could not lock {self.path}: other processes kept replacing it")
+
+    def release(self) -> None:
+        """Remove the lock file and unlock (in that order: see ``acquire``); a dir this start made and left empty goes too."""
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        if self.made_dir:
+            with contextlib.suppress(OSError):  # not empty: the run was accepted and wrote into it
+                self.dir.rmdir()
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+
+_RANK_FAILURES = {RunDirError.exit_code: RunDirError, WriteError.exit_code: WriteError}
+
+
+def claim(run_dir: str | Path, resume: str, dist) -> RunDirLock:
+    """Own the run dir for this run, or raise on every rank alike (the first thing a start does).
+
+    Rank 0 takes the lock (``RunDirLock``) and checks that this start may use the dir (``refusal``);
+    a refused start releases it, so nothing is left written. Every rank learns the outcome (a CPU
+    collective) and raises: rank 0 its own error, the others the same kind pointing at rank 0's line.
+    """
+    lock, err = RunDirLock(run_dir), None
+    if dist.is_main:
+        try:
+            lock.acquire()
+            why = refusal(run_dir, resume)
+            if why:
+                raise RunDirError(why)
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it before any rank raises
+            lock.release()
+            err = e
+    code = dist.max_int(classify(err)[0] if err is not None else 0)
+    if err is not None:
+        raise err
+    if code:
+        raise _RANK_FAILURES.get(code, RunDirError)(f"rank 0 could not claim the run dir {run_dir} (its line says why)")
+    return lock
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

@@ -18,9 +18,10 @@ checkpoint write, or within one batch of an evaluation, the ranks vote (a CPU co
 a checkpoint (an interrupted evaluation is marked pending and rerun on resume) and exit with code
 143. Checkpoints are atomic (see ``vssl_fast.checkpoint``); ``--resume auto`` continues bit-exactly
 (model, teacher, optimizer, schedules, counters, loader position and every RNG) from the newest
-checkpoint that loads with finite values, with this run's optimizer hyperparameters. Nothing is
-written into the run dir before the start is accepted, and a run dir holding another run is only
-continued with ``--resume`` (``vssl_fast.rundir``).
+checkpoint that loads with finite values, with this run's optimizer hyperparameters. A start first
+claims the run dir (rank 0 locks it for the run's life; a second live start into it exits 3);
+nothing else is written into it before the start is accepted, and a run dir holding another run is
+only continued with ``--resume`` (``vssl_fast.rundir``).
 """
 
 from __future__ import annotations
@@ -105,8 +106,17 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.log = setup_logging(self.dist.rank)  # train.log opens once the start is accepted (fit)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        rundir.refuse_foreign(self.run_dir, cfg.resume, self.dist)  # before anything is written
+        # the run dir is this process's (rank 0 holds its lock) or every rank raises: before anything slow
+        self.claim = rundir.claim(self.run_dir, cfg.resume, self.dist)
+        try:
+            self._build()
+        except BaseException:
+            self.claim.release()  # a start that failed here leaves the run dir as it was
+            raise
 
+    def _build(self) -> None:
+        """Everything after the claim: data, model, optimizer, step, monitor."""
+        cfg = self.cfg
         cuda = self.device.type == "cuda"
         self.amp_dtype, _, channels_last = device_formats(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -415,4 +425,7 @@ class Trainer:
 
     def close(self):
         faults.restore_signals()
-        cleanup()
+        try:
+            cleanup()
+        finally:
+            self.claim.release()  # the last thing: another start may own the run dir from here on

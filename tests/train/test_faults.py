@@ -1,5 +1,6 @@
-"""Faults (issue 17): run-dir ownership, checkpoints that are bad, known failures as one line and an exit
-code, SIGTERM in every phase, leftovers and metrics after resumes, nonsensical config values.
+"""Faults (issues 17, 26): run-dir ownership (one live process per run dir), checkpoints that are bad, known
+failures as one line and an exit code, SIGTERM in every phase, leftovers and metrics after resumes,
+nonsensical config values.
 
 The trainer runs in this process (``train.main``) at a tiny size (16 px crops, 4 images a batch, 4 steps an
 epoch), so a run costs a few seconds; signals are real (``os.kill`` of this process from inside a phase).
@@ -12,6 +13,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -19,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers_train import REPO, tiny_args
+from helpers_train import REPO, env, run_train, tiny_args
 
 from vssl_fast import checkpoint as ckpt
-from vssl_fast import faults
+from vssl_fast import faults, rundir
 from vssl_fast.config import ConfigError, load_config
 from vssl_fast.data.loader import DeviceEvalLoader
 from vssl_fast.optim import warmup_cosine
@@ -161,6 +164,118 @@ def test_resume_takes_the_lr_from_the_config_and_logs_the_change(run_copy, capsy
     assert "data: device-resident" in (run / "train.log").read_text()  # lines from before the start was accepted
 
 
+# ----------------------------------------------------------------------------- one live process per run dir
+def _popen_train(args, **envkw):
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env(**envkw),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_simultaneous_starts_into_one_run_dir_make_exactly_one_run(cifar_tiny_tar, cache, tmp_path, attempt):
+    """Before issue 26 two such starts both ran and mixed metrics, checkpoints and config in the dir."""
+    run, lrs = tmp_path / "run", (1.0, 0.25, 0.5)
+    procs = [_popen_train(_args(cifar_tiny_tar, run, cache, 4, optim__lr=lr)) for lr in lrs]
+    outs = [p.communicate(timeout=600) for p in procs]
+    rcs = [p.returncode for p in procs]
+    assert sorted(rcs) == [0, 3, 3], [(rc, err[-1500:]) for rc, (_, err) in zip(rcs, outs)]
+    winner = lrs[rcs.index(0)]
+    for rc, (out, err) in zip(rcs, outs):
+        if rc == 3:  # refused at the lock, or (a loser slower than the whole run) as a dir holding a run
+            line = _one_line(err)
+            assert str(run) in line and ("in use by another live process" in line or "already holds a run" in line)
+            assert "resolved config" not in out  # refused before anything was built
+    assert json.loads((run / "config.json").read_text())["optim"]["lr"] == winner
+    assert _train_steps(run) == [1, 2, 3, 4]  # one trajectory, each step once
+    assert not list(run.glob("config.before_*")) and not (run / "metrics.superseded.jsonl").exists()
+    assert {ckpt.load_checkpoint(p)["config"]["optim"]["lr"] for p in (run / "checkpoints").glob("step_*.pt")} == {winner}
+    assert not (run / rundir.LOCK_NAME).exists()  # a clean end removes the lock file
+
+
+def test_a_live_holder_refuses_every_other_start_even_resume_auto(run_copy, capsys):
+    run, data, cache = run_copy
+    held = rundir.RunDirLock(run)
+    held.acquire()  # as another live run would: this process holds the lock through another open file
+    try:
+        before = _snapshot(run)
+        for extra in (["--resume=auto"], []):
+            rc, out, err = _main(_args(data, run, cache, 6, *extra), capsys)
+            line = _one_line(err)
+            assert rc == 3 and "in use by another live process" in line and f"pid {os.getpid()}" in line, line
+            assert _snapshot(run) == before
+    finally:
+        held.release()
+    rc, out, err = _main(_args(data, run, cache, 6, "--resume=auto"), capsys)
+    assert rc == 0 and "resumed from" in out, err[-3000:]
+
+
+def test_a_killed_holder_frees_the_run_dir_and_resume_auto_continues(cifar_tiny_tar, cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    r = run_train(_args(cifar_tiny_tar, run, cache, 6), VSSL_FAULT_AT_STEP=3)  # SIGKILL after step 3
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert (run / rundir.LOCK_NAME).exists()  # the file stays; the kernel dropped the lock with the process
+    rc, out, err = _main(_args(cifar_tiny_tar, run, cache, 6, "--resume=auto"), capsys)
+    assert rc == 0, err[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step_00000002.pt'} at step 2" in out
+    assert _train_steps(run) == [1, 2, 3, 4, 5, 6] and not (run / rundir.LOCK_NAME).exists()
+
+
+def test_two_locks_on_one_run_dir_exclude_each_other(tmp_path):
+    a, b = rundir.RunDirLock(tmp_path / "r"), rundir.RunDirLock(tmp_path / "r")
+    a.acquire()
+    with pytest.raises(faults.RunDirError, match="in use by another live process"):
+        b.acquire()
+    a.release()  # the dir a made and left empty goes with the lock
+    assert not (tmp_path / "r").exists()
+    b.acquire()
+    assert b.held and (tmp_path / "r" / rundir.LOCK_NAME).exists()
+    b.release()
+
+
+def test_a_run_dir_that_is_a_file_is_refused_before_the_data_load(tmp_path, cache, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine\n")
+    for run in (f, f / "sub"):  # the file itself, or a dir under it
+        rc, out, err = _main(_args(tmp_path / "missing.tar", run, cache, 2), capsys)  # data would be exit 4
+        line = _one_line(err)
+        assert rc == 3 and f"--run-dir {run} is an existing file, not a directory" in line, line
+    assert f.read_text() == "mine\n"
+
+
+def test_every_rank_agrees_on_a_refused_run_dir(run_copy):
+    """Two ranks started as torchrun starts them (env://), but without torchrun, which would kill rank 1 as
+    soon as rank 0 exits: each must exit 3 by itself, rank 1 told by rank 0, neither waiting for a timeout."""
+    run, data, cache = run_copy
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    held = rundir.RunDirLock(run)
+    held.acquire()
+    try:
+        procs = [_popen_train(_args(data, run, cache, 6, "--resume=auto", dist__timeout_s=300), MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=port, WORLD_SIZE=2, RANK=r, LOCAL_RANK=r) for r in (0, 1)]
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        held.release()
+    assert [p.returncode for p in procs] == [3, 3], [err[-2000:] for _, err in outs]
+    assert "in use by another live process" in _one_line(outs[0][1])
+    assert "rank 0 could not claim the run dir" in _one_line(outs[1][1])
+
+
+def test_checkpoint_temporaries_are_unique_per_process(tmp_path, monkeypatch):
+    names, orig = [], torch.save
+
+    def save(obj, f, *a, **k):
+        names.append(Path(f.name).name)
+        return orig(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    ckpt.save_checkpoint({"config": {}, "w": torch.ones(2)}, tmp_path, 2)
+    assert names == [f".step_00000002.pt.{os.getpid()}.tmp"]
+    for name in (".step_00000004.pt.12345.tmp", ".step_00000006.pt.tmp"):  # another process's; the old name
+        (tmp_path / name).write_bytes(b"partial")
+    assert ckpt.remove_partials(tmp_path) == [".step_00000004.pt.12345.tmp", ".step_00000006.pt.tmp"]
+
+
 # ----------------------------------------------------------------------------- bad checkpoints
 def test_auto_resume_skips_a_bad_checkpoint_and_tidies_the_run_dir(run_copy, capsys):
     run, data, cache = run_copy
@@ -223,12 +338,13 @@ def test_bad_checkpoints_auto_skips_explicit_fails_in_one_line(tmp_path, caplog)
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
     d = tmp_path / "ck"
     ckpt.save_checkpoint({"config": {}, "w": torch.ones(3)}, d, 2)
-    (d / ".step_00000004.pt.tmp").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    tmp = d / f".step_00000004.pt.{os.getpid()}.tmp"  # this process's temporary name for step 4
+    tmp.symlink_to("/dev/full")  # every write there fails with ENOSPC
     with pytest.raises(faults.WriteError) as ei:
         ckpt.save_checkpoint({"config": {}, "w": torch.zeros(10_000)}, d, 4)
     code, line = faults.classify(ei.value)
     assert code == 7 and "step_00000004.pt" in line and "No space left" in line and "step_00000002.pt" in line
-    assert not (d / ".step_00000004.pt.tmp").exists() and not (d / "step_00000004.pt").exists()
+    assert not tmp.exists() and not (d / "step_00000004.pt").exists()
     assert ckpt.find_latest(d).name == "step_00000002.pt" and torch.equal(ckpt.load_good(ckpt.find_latest(d))["w"], torch.ones(3))
     assert faults.classify(OSError(errno.ENOSPC, "No space left on device", "runs/x/results.json"))[0] == 7
 
@@ -313,6 +429,45 @@ def test_sigusr1_during_a_checkpoint_write_exits_143_after_that_save(cifar_tiny_
     rc, out, err = _main(_args(cifar_tiny_tar, run, cache, 8, data__train_subset=8, ckpt__every_steps=1000), capsys)
     assert rc == 143, err[-3000:]
     assert saves == [2] and _train_steps(run) == [1, 2]  # the epoch-end save (2-step epochs), then out; no second save
+
+
+_SIGNALS_AFTER_THE_SAVE = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import train
+from vssl_fast import checkpoint, trainer
+
+save, cleanup = checkpoint.save_checkpoint, trainer.cleanup
+
+def saving(state, d, step, keep=2):
+    os.kill(os.getpid(), signal.SIGTERM)  # the first at step 2; each later one arrives during a save
+    return save(state, d, step, keep)
+
+def cleaning():
+    os.kill(os.getpid(), signal.SIGTERM)  # after restore_signals(): the process is on its way out
+    cleanup()
+
+checkpoint.save_checkpoint, trainer.cleanup = saving, cleaning
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def test_stop_signals_during_and_after_the_save_still_exit_143(cifar_tiny_tar, cache, tmp_path):
+    """Before issue 26 a SIGTERM after the save met the default handler again: death by the signal (-15)."""
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", _SIGNALS_AFTER_THE_SAVE, str(REPO),
+                        *_args(cifar_tiny_tar, run, cache, 8, ckpt__every_steps=2)],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 143, (r.returncode, r.stderr[-3000:])
+    assert "stopped by SIGTERM/SIGUSR1 at step 2" in _one_line(r.stderr)
+    assert ckpt.find_latest(run / "checkpoints").name == "step_00000002.pt"
+
+
+def test_a_batch_larger_than_the_data_is_a_config_error(cifar_tiny_tar, cache, tmp_path, capsys):
+    rc, out, err = _main(_args(cifar_tiny_tar, tmp_path / "run", cache, 2, train__batch_size=100000), capsys)
+    line = _one_line(err)
+    assert rc == 2 and line.startswith("config error: train.batch_size: 16 training images cannot fill"), line
+    assert "data.path" not in line and not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------- exit codes, config values

@@ -67,9 +67,16 @@ def _to_device_uint8(x: np.ndarray, device) -> torch.Tensor:
 @contextlib.contextmanager
 def reading_data(data_cfg):
     """Turn a failure to find or read the configured data into one DataError line naming data.path (here, not
-    in ``vssl_fast.faults``: faults imports nothing from the data package, so there is no import circle)."""
+    in ``vssl_fast.faults``: faults imports nothing from the data package, so there is no import circle).
+
+    A ConfigError (a ValueError) raised while building the data, e.g. a batch larger than the data,
+    stays a config error (exit 2, the key named)."""
+    from vssl_fast.config import ConfigError
+
     try:
         yield
+    except ConfigError:
+        raise
     except FileNotFoundError as e:
         msg = one_line(e, 2000)
         raise DataError(msg if "data.path" in msg else f"data.path={data_cfg.path!r}: {msg}") from e
@@ -89,6 +96,9 @@ def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> Data
         arr = load_cifar_arrays(d.path, d.dataset, d.cache_dir, d.download)
         tx, ty, vx, vy = arr.train_x, arr.train_y, arr.test_x, arr.test_y
         # subsets are a fixed random sample (files come class by class, so a prefix would be one class)
+        for key, want, have in (("train_subset", d.train_subset, len(tx)), ("val_subset", d.val_subset, len(vx))):
+            if want > have:
+                log.warning("data.%s=%d but the data holds %d images: using all %d", key, want, have, have)
         if d.train_subset:
             keep = np.sort(np.random.default_rng(0).permutation(len(tx))[: d.train_subset])
             tx, ty = tx[keep], ty[keep]

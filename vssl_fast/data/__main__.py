@@ -1,8 +1,15 @@
-"""python -m vssl_fast.data {scan DIR | imagenet100 --src SRC --dst DST [--copy] [--expect-train N --expect-val N]}"""
+"""python -m vssl_fast.data {scan DIR | imagenet100 --src SRC --dst DST [--copy] [--expect-train N --expect-val N]}
+
+Failures end as train.py's do (``vssl_fast.faults``): one line and an exit code. ``scan`` exits 0
+when every file reads, 4 (data) after listing the bad ones, 4 for a missing DIR; the builder exits
+4 for a source that is missing or does not match (classes, counts), 3 when --dst already holds
+something, 7 when it cannot write.
+"""
 
 import argparse
 import sys
 
+from vssl_fast import faults
 from vssl_fast.data.tools import IN100_TRAIN_IMAGES, IN100_VAL_IMAGES, build_imagenet100, scan_tree
 
 
@@ -20,18 +27,21 @@ def main(argv=None) -> int:
     b.add_argument("--expect-val", type=int, default=IN100_VAL_IMAGES,
                    help=f"image files expected in the 100 val classes (default {IN100_VAL_IMAGES})")
     a = ap.parse_args(argv)
+    try:
+        if a.cmd == "scan":
+            bad = scan_tree(a.root)
+        else:
+            counts = build_imagenet100(a.src, a.dst, a.copy, a.expect_train, a.expect_val,
+                                       log=lambda m: print(m, file=sys.stderr))
+    except FileNotFoundError as e:  # a missing tree, split or class: the data's fault (exit 4)
+        raise faults.DataError(faults.one_line(e, 2000)) from e
     if a.cmd == "scan":
-        bad = scan_tree(a.root)
         for path, why in bad:
             print(f"{why}\t{path}")
-        print(f"{len(bad)} bad files under {a.root}", file=sys.stderr)
-        return 1 if bad else 0
-    try:
-        counts = build_imagenet100(a.src, a.dst, a.copy, a.expect_train, a.expect_val,
-                                   log=lambda m: print(m, file=sys.stderr))
-    except (FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        if bad:
+            raise faults.DataError(f"{len(bad)} bad files under {a.root} (listed on stdout, one per line)")
+        print(f"0 bad files under {a.root}", file=sys.stderr)
+        return 0
     nb = len(counts["bad"])
     print(f"ImageNet-100 at {a.dst}: {counts['train']:,} train and {counts['val']:,} val images in 100 classes"
           + (f"; {nb} bad files left out (listed above)" if nb else ""))
@@ -39,4 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(faults.run(main, sys.argv[1:]))

@@ -14,9 +14,20 @@ from __future__ import annotations
 
 import torch
 
+from vssl_fast.config import ConfigError
 from vssl_fast.data.augment import ViewSpec, augment, normalize
 
-__all__ = ["DeviceTwoViewLoader", "DeviceEvalLoader", "batch_seed", "epoch_indices"]
+__all__ = ["DeviceTwoViewLoader", "DeviceEvalLoader", "batch_seed", "epoch_indices", "full_batches"]
+
+
+def full_batches(n: int, world: int, batch_size: int, what: str) -> int:
+    """Global batches of ``world x batch_size`` in an epoch of ``n`` samples (drop-last); a config error
+    naming ``train.batch_size`` when not even one fits (the setting is wrong, not the data)."""
+    steps = n // (world * batch_size)
+    if steps < 1:
+        raise ConfigError(f"train.batch_size: {what} cannot fill one global batch of {world} x {batch_size} "
+                          f"(world x train.batch_size={batch_size}); lower train.batch_size or give the run more data")
+    return steps
 
 
 def batch_seed(seed: int, rank: int, epoch: int, step: int) -> int:
@@ -58,9 +69,7 @@ class DeviceTwoViewLoader:
         self.batch_size, self.specs = batch_size, specs
         self.seed, self.rank, self.world = seed, rank, world
         self.channels_last, self.out_dtype = channels_last, out_dtype
-        self.steps_per_epoch = images.shape[0] // (world * batch_size)
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"{images.shape[0]} training images cannot fill one global batch of {world} x {batch_size}")
+        self.steps_per_epoch = full_batches(images.shape[0], world, batch_size, f"{images.shape[0]} training images")
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1 (steps augmented per call), got {chunk}")
         self.chunk = chunk

@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from vssl_fast.data.sources import IMAGE_EXTS
+from vssl_fast.faults import DataError, RunDirError
 
 __all__ = ["scan_tree", "quick_check", "imagenet100_classes", "build_imagenet100", "IN100_TRAIN_IMAGES",
            "IN100_VAL_IMAGES"]
@@ -147,7 +148,7 @@ def build_imagenet100(src: str | Path, dst: str | Path, copy: bool = False, expe
     if len(classes) != 100:
         raise RuntimeError(f"the shipped class list has {len(classes)} classes, expected 100")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise RuntimeError(f"imagenet100: {dst} already exists and is not empty; remove it or pick another --dst")
+        raise RunDirError(f"imagenet100: {dst} already exists and is not empty; remove it or pick another --dst")
     plan: dict[str, list[tuple[str, Path]]] = {}
     bad: list[tuple[str, str]] = []
     for split, expect in (("train", expect_train), ("val", expect_val)):
@@ -161,9 +162,9 @@ def build_imagenet100(src: str | Path, dst: str | Path, copy: bool = False, expe
         files = [(c, f) for c in classes for f in sorted((sdir / c).iterdir())
                  if not f.name.startswith(".") and f.name.lower().endswith(IMAGE_EXTS)]
         if len(files) != expect:
-            raise RuntimeError(f"imagenet100: {sdir} holds {len(files):,} images in the 100 classes, expected {expect:,} "
-                               f"(full ImageNet-1k has {IN100_TRAIN_IMAGES:,} train / {IN100_VAL_IMAGES:,} val; for "
-                               f"another source pass --expect-{split} {len(files)})")
+            raise DataError(f"imagenet100: {sdir} holds {len(files):,} images in the 100 classes, expected {expect:,} "
+                            f"(full ImageNet-1k has {IN100_TRAIN_IMAGES:,} train / {IN100_VAL_IMAGES:,} val; for "
+                            f"another source pass --expect-{split} {len(files)})")
         keep = []
         for c, f in files:
             why, _ = quick_check(f)
