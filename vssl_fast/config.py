@@ -48,6 +48,8 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # image folders: a run fails when more than this share of a split's files is bad
     loader: str = "auto"  # auto | gpu (device-resident CIFAR) | dali | torchvision
     aug_chunk: int = 0  # device CIFAR: steps augmented per batched call (0 = auto: 16 on CUDA, 1 on a CPU)
+    dali_threads: int = 0  # DALI pipeline threads (0 = auto: max(2, min(8, cores)))
+    dali_hw_decoder_load: float = 0.65  # DALI on a GPU: share of JPEG work for the hardware decoder (DALI's default)
 
 
 @dataclass
@@ -157,7 +159,7 @@ class Config:
                 raise ConfigError(f"{key}: must be >= 1, got {val}")
         counts = [("train.max_steps", self.train.max_steps), ("data.train_subset", self.data.train_subset),
                   ("data.val_subset", self.data.val_subset), ("data.workers", self.data.workers),
-                  ("data.aug_chunk", self.data.aug_chunk)]
+                  ("data.aug_chunk", self.data.aug_chunk), ("data.dali_threads", self.data.dali_threads)]
         for key, val in counts:
             if val < 0:
                 raise ConfigError(f"{key}: must be >= 0 (0 = no limit, or the default), got {val}")
@@ -183,6 +185,8 @@ class Config:
                               f"{self.eval.knn_train_subset}")
         if not 0.0 <= self.data.max_bad_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.data.max_bad_fraction}")
+        if not 0.0 <= self.data.dali_hw_decoder_load <= 1.0:
+            raise ConfigError(f"data.dali_hw_decoder_load: must be in [0, 1], got {self.data.dali_hw_decoder_load}")
         if self.data.path != "auto":  # absolute, so checkpoints and config.json work from any directory
             self.data.path = os.path.abspath(os.path.expanduser(self.data.path))
         if len(self.eval.knn_k) != len(self.eval.knn_t):

@@ -61,9 +61,9 @@ def build_folder_data(cfg, device, rank: int = 0, world: int = 1):
         # the Python reader processes of the pipeline's external source; none on a CPU (serial, in this process)
         dw = default_workers(d.workers, cap=4) if device.type == "cuda" else d.workers
         train = DaliTwoViewLoader(train_s, specs, cfg.train.batch_size, cfg.train.seed, rank, world, device, cl, dt,
-                                  workers=dw, bad=bad)  # the pipeline is built on the first batch
-        desc = (f"DALI ({'GPU mixed decode' if device.type == 'cuda' else 'CPU-only'}, {dw} reader processes) on "
-                f"{train_dir}: {why}")
+                                  workers=dw, bad=bad, threads=d.dali_threads,
+                                  hw_decoder_load=d.dali_hw_decoder_load)  # the pipeline is built on the first batch
+        desc = f"{train.describe()}, on {train_dir}: {why}"
     else:
         reason = "data.loader=torchvision" if d.loader == "torchvision" else why
         cls = NvjpegTwoViewLoader if device.type == "cuda" else TorchvisionTwoViewLoader
