@@ -163,25 +163,29 @@ def run(tiny: bool, jpeg_dir: Path, device, emit=None, reps: Reps | None = None)
     t, got, left = time_loader(mk, reps)
     base = rate_row(t, got)["img_per_s"]
     add(path="torchvision_cpu_baseline", crop=crop, batch=got, **rate_row(t, got), x_cpu_baseline=1.0, children_left=left,
-        note=f"{cores} workers, PIL; {nj} JPEGs of {sz:.0f} KB (made or found in {made_s:.0f} s)")
+        note=f"torchvision PIL decode and augmentation in {cores} workers; {nj} JPEGs of {sz:.0f} KB (made or found "
+             f"in {made_s:.0f} s)")
     ok, why = dali_available()
     if ok:
         from vssl_fast.data.folder_dali import DaliTwoViewLoader
 
         workers = min(4, cores) if device.type == "cuda" else 0  # the trainer's default reader processes
-        mk = lambda: DaliTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, False, torch.float32,  # noqa: E731
-                                       workers=workers)
+        made = []  # the loader timed, for its own account of the pipeline it built
+        mk = lambda: made.append(DaliTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, False,  # noqa: E731
+                                                   torch.float32, workers=workers)) or made[-1]
         t, got, left = time_loader(mk, reps)
         r = rate_row(t, got)
-        add(path="dali", crop=crop, batch=got, **r, x_cpu_baseline=r["img_per_s"] / base, children_left=left,
-            note=("GPU mixed decode" if device.type == "cuda" else "CPU-only") + f", {sz:.0f} KB JPEGs, {workers} readers")
+        add(path="dali" if made[-1].device_id is not None else "dali_cpu_only", crop=crop, batch=got, **r,
+            x_cpu_baseline=r["img_per_s"] / base, children_left=left, note=f"{made[-1].describe()}; {sz:.0f} KB JPEGs")
     else:
         add(path="dali", crop=crop, batch=bsj, img_per_s=None, note=f"not measured: {why}")
-    mk = lambda: NvjpegTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, min(cores, 8), False, torch.float32)  # noqa: E731
+    made = []
+    mk = lambda: made.append(NvjpegTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, min(cores, 8), False,  # noqa: E731
+                                                 torch.float32)) or made[-1]
     t, got, left = time_loader(mk, reps)
     r = rate_row(t, got)
-    add(path="torchvision_nvjpeg" if device.type == "cuda" else "torchvision_decode_jpeg_cpu", crop=crop, batch=got,
-        **r, x_cpu_baseline=r["img_per_s"] / base, children_left=left, note=f"{min(cores, 8)} byte-reading workers")
+    add(path="torchvision_nvjpeg" if made[-1].device.type == "cuda" else "torchvision_decode_jpeg_cpu", crop=crop,
+        batch=got, **r, x_cpu_baseline=r["img_per_s"] / base, children_left=left, note=made[-1].describe())
     return rows
 
 

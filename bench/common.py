@@ -75,7 +75,10 @@ def peak_bandwidth_gbps() -> float | None:
 
 
 def bench_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The card (with its index: DALI takes `cuda` without one for the CPU) or the CPU."""
+    from vssl_fast.distributed import resolve_device
+
+    return resolve_device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def markdown_table(rows: list[dict], cols: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""Input generators shared by the loss and kernel tests (the regimes of METHOD.md §2.8)."""
+"""Input generators shared by the tests: loss and kernel inputs (the regimes of METHOD.md §2.8), damaged files."""
 
 from __future__ import annotations
 
@@ -45,3 +45,17 @@ def tiny_model(method_cfg, width: int = 8, num_classes: int = 3):
     kw = method_cfg.model_kwargs()
     kw.update(proj_hidden_dim=16, proj_output_dim=kw["proj_output_dim"], pred_hidden_dim=16, denoiser_hidden_dim=16)
     return SSLModel(**kw, num_classes=num_classes, backbone_module=tiny_backbone(width), feature_dim=width)
+
+
+def garbled_jpeg(seed: int = 0) -> bytes:
+    """A JPEG whose header and end marker are fine but whose data is noise: only a decode finds it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    return data[:800] + rng.integers(0, 256, len(data) - 1000, dtype=np.uint8).tobytes() + data[-200:]

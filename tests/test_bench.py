@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.mark.parametrize("name", ["bench_cosine_loss", "bench_ema", "bench_lamb", "bench_lars"])
@@ -42,6 +43,12 @@ def test_bench_data_tiny(tmp_path, capsys):
     assert multiprocessing.active_children() == []  # every path's workers were shut down
     sizes = [p.stat().st_size for p in (tmp_path / "j" / "train").rglob("*.jpg")]
     assert len(sizes) == 32 and 40_000 < sum(sizes) / len(sizes) < 120_000  # photo-like 500x375 JPEGs
+    # each row names the pipeline it measured (DALI with `cuda` unindexed once measured its CPU pipeline as "GPU")
+    cuda = torch.cuda.is_available()
+    nv = paths["torchvision_nvjpeg" if cuda else "torchvision_decode_jpeg_cpu"]
+    assert ("nvJPEG decode on cuda:" if cuda else "decode_jpeg on the CPU") in nv["note"]
+    dali = paths.get("dali") or paths["dali_cpu_only"]
+    assert dali["img_per_s"] is None or ("GPU mixed decode (nvJPEG) on cuda:" if cuda else "DALI CPU-only") in dali["note"]
 
 
 def test_benchmark_jpegs_are_made_in_parallel_once_and_deterministically(tmp_path):

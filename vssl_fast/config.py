@@ -52,6 +52,10 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # image folders: a run fails when more than this share of a split's files is bad
     loader: Literal["auto", "gpu", "dali", "torchvision"] = "auto"  # gpu: device-resident CIFAR
     aug_chunk: int = 0  # device CIFAR: steps augmented per batched call (0 = auto: 16 on CUDA, 1 on a CPU)
+    dali_threads: int = 0  # DALI pipeline threads (0 = auto: max(2, min(8, cores)))
+    dali_hw_decoder_load: float = 0.65  # DALI on a GPU: share of JPEG work for the hardware decoder (DALI's default)
+    max_image_pixels: int = 89_478_485  # image folders: larger images are bad files (PIL's decompression-bomb limit)
+    num_classes: int = 0  # image folders: classes the dataset has (imagenet100: 100; 0 = any); other counts are logged
 
 
 @dataclass
@@ -162,7 +166,8 @@ class Config:
                               "PyTorch does not nest them; use train.compile=default (or none) with train.graph=on, "
                               "or train.graph=off")
         positive = [("train.batch_size", self.train.batch_size), ("train.epochs", self.train.epochs),
-                    ("data.crop_size", self.data.crop_size), ("ckpt.keep", self.ckpt.keep),
+                    ("data.crop_size", self.data.crop_size), ("data.max_image_pixels", self.data.max_image_pixels),
+                    ("ckpt.keep", self.ckpt.keep),
                     ("log.every_steps", self.log.every_steps), ("ckpt.every_steps", self.ckpt.every_steps),
                     ("dist.timeout_s", self.dist.timeout_s),
                     ("train.max_consecutive_skips", self.train.max_consecutive_skips)]
@@ -171,7 +176,8 @@ class Config:
                 raise ConfigError(f"{key}: must be >= 1, got {val}")
         counts = [("train.max_steps", self.train.max_steps), ("data.train_subset", self.data.train_subset),
                   ("data.val_subset", self.data.val_subset), ("data.workers", self.data.workers),
-                  ("data.aug_chunk", self.data.aug_chunk)]
+                  ("data.aug_chunk", self.data.aug_chunk), ("data.dali_threads", self.data.dali_threads),
+                  ("data.num_classes", self.data.num_classes)]
         for key, val in counts:
             if val < 0:
                 raise ConfigError(f"{key}: must be >= 0 (0 = no limit, or the default), got {val}")
@@ -187,6 +193,8 @@ class Config:
                               f"{self.eval.knn_train_subset}")
         if not 0.0 <= self.data.max_bad_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.data.max_bad_fraction}")
+        if not 0.0 <= self.data.dali_hw_decoder_load <= 1.0:
+            raise ConfigError(f"data.dali_hw_decoder_load: must be in [0, 1], got {self.data.dali_hw_decoder_load}")
         if self.data.path != "auto":  # absolute, so checkpoints and config.json work from any directory
             self.data.path = os.path.abspath(os.path.expanduser(self.data.path))
         if len(self.eval.knn_k) != len(self.eval.knn_t):
@@ -215,6 +223,7 @@ def _imagenet100() -> Config:
     c.data.dataset = "imagefolder"
     c.data.crop_size = 224
     c.data.path = "data/imagenet100"
+    c.data.num_classes = 100
     c.optim.lr = 0.5
     c.optim.weight_decay = 1e-6
     c.train.epochs = 400

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "cleanup"]
+__all__ = ["DistInfo", "init_distributed", "resolve_device", "cleanup"]
 
 
 @dataclass
@@ -50,6 +50,18 @@ class DistInfo:
         if self.enabled:
             dist.barrier(group=self.vote_group)
 
+
+def resolve_device(device) -> torch.device:
+    """The device with its index: ``cuda`` without one means the current CUDA device (``torch.cuda.current_device``),
+    as PyTorch itself places it; any other device comes back as it is. Call it where devices are made, so that
+    code reading ``device.index`` (DALI's ``device_id``: None builds a CPU-only pipeline) sees the real one."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def init_distributed(timeout_s: int, force_cpu: bool = False) -> DistInfo:
 
 ASYNC_ERRORS = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import garbled_jpeg
 
 from vssl_fast.data.augment import view_specs
 
@@ -88,7 +89,7 @@ def test_dali_cpu_pipeline_on_real_jpegs(jpeg_tree, tmp_path, crop):
 
 
 def test_dali_crop_box_is_the_source_s_and_rows_come_first(tmp_path):
-    """The crop box DaliBatchSource draws reaches fn.resize as (top, left) -> (bottom, right), relative."""
+    """The crop box DaliBatchSource draws (top, left, height, width, in pixels) reaches the crop as rows first."""
     _dali()
     import io
 
@@ -109,13 +110,13 @@ def test_dali_crop_box_is_the_source_s_and_rows_come_first(tmp_path):
         if info.iteration >= 1:
             raise StopIteration
         p = np.zeros((1, 2, N_VIEW_PARAMS), np.float32)
-        p[0, :, :4] = [0.5, 0.0, 1.0, 0.25]  # rows 20..40, columns 0..15
+        p[0, :, :4] = [20, 0, 20, 15]  # rows 20..39, columns 0..14
         return [np.frombuffer(buf.getvalue(), np.uint8)], np.zeros((1, 1), np.int32), p
 
     pipe = make_dali_pipeline(src, (spec, spec), 1, None, 1)
     pipe.build()
     v = next(DALIGenericIterator([pipe], ["v1", "v2", "y"]))[0]["v1"][0] * 255
-    assert 0 <= v[0].min() and v[0].max() <= 4 * 15 + 4  # x in 0..15
+    assert 0 <= v[0].min() and v[0].max() <= 4 * 14 + 4  # x in 0..14
     assert 6 * 19 <= v[1].min() and v[1].max() <= 6 * 39 + 1  # y in 20..39
 
 
@@ -227,12 +228,12 @@ def test_ranks_read_disjoint_shards_with_their_own_augmentations(small_tree, tmp
 def test_dali_crop_boxes_follow_torchvision_s_rules():
     """Boxes inside the image; area share within scale and aspect within ratio, up to rounding, or the
     centred fallback; the same draws give the same boxes."""
-    from vssl_fast.data.folder_dali import _rrc_boxes
+    from vssl_fast.data.augment import rrc_boxes
 
     rng = np.random.default_rng(0)
     H = rng.integers(8, 600, 2000).astype(np.float64)
     W = np.where(rng.random(2000) < 0.1, H * 5, rng.integers(8, 600, 2000)).astype(np.float64)  # some very wide
-    top, left, h, w = _rrc_boxes(H, W, (0.08, 1.0), (3 / 4, 4 / 3), np.random.default_rng(1))
+    top, left, h, w = rrc_boxes(H, W, (0.08, 1.0), (3 / 4, 4 / 3), np.random.default_rng(1))
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
     assert (h >= 1).all() and (w >= 1).all()
     fallback = (top == (H - h) // 2) & (left == (W - w) // 2) & ((h == H) | (w == W))
@@ -241,7 +242,7 @@ def test_dali_crop_boxes_follow_torchvision_s_rules():
     ok = (area >= 0.08 - 2 * tol) & (area <= 1 + 1e-9) & (aspect >= 0.75 - tol) & (aspect <= 4 / 3 + tol)
     assert (ok | fallback).all() and fallback.any()
     assert ((aspect[fallback] >= 0.75 - tol[fallback]) & (aspect[fallback] <= 4 / 3 + tol[fallback])).all()
-    again = _rrc_boxes(H, W, (0.08, 1.0), (3 / 4, 4 / 3), np.random.default_rng(1))
+    again = rrc_boxes(H, W, (0.08, 1.0), (3 / 4, 4 / 3), np.random.default_rng(1))
     assert all(np.array_equal(a, b) for a, b in zip((top, left, h, w), again))
 
 
@@ -272,19 +273,6 @@ def test_torchvision_fallback_loader_and_eval(jpeg_tree, tmp_path):
     x, yv = next(iter(ev))
     assert x.shape == (16, 3, 24, 24)
     assert sum(len(b[1]) for b in ev) == 100 + 6
-
-
-def _garbled_jpeg(seed=0) -> bytes:
-    """A JPEG whose header and end marker are fine but whose data is noise: only a decode finds it."""
-    import io
-
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
-    data = buf.getvalue()
-    return data[:800] + rng.integers(0, 256, len(data) - 1000, dtype=np.uint8).tobytes() + data[-200:]
 
 
 @pytest.fixture
@@ -362,7 +350,7 @@ def test_torchvision_path_skips_files_only_a_decode_finds(bad_tree, tmp_path, ca
     from vssl_fast.data.folder_files import BadDataError, BadFiles, SkippingImageFolder
     from vssl_fast.data.folder_torchvision import TwoViewTransform
 
-    (bad_tree / "bird" / "zz_garbled.jpg").write_bytes(_garbled_jpeg())
+    (bad_tree / "bird" / "zz_garbled.jpg").write_bytes(garbled_jpeg())
     bad = BadFiles(max_fraction=0.2)
     ld = _make_loader("torchvision", bad_tree, bad=bad, cache_dir=tmp_path, workers=2)
     assert len(ld.samples) == 25 and len(bad) == 3
@@ -376,7 +364,7 @@ def test_torchvision_path_skips_files_only_a_decode_finds(bad_tree, tmp_path, ca
             list(strict)
     empty = tmp_path / "allbad" / "a"
     empty.mkdir(parents=True)
-    (empty / "x.jpg").write_bytes(_garbled_jpeg())
+    (empty / "x.jpg").write_bytes(garbled_jpeg())
     with pytest.raises(RuntimeError, match="no readable image"):
         SkippingImageFolder(tmp_path / "allbad", TwoViewTransform(view_specs("imagenet", "asymmetric", 16)))[0]
 

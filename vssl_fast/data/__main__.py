@@ -1,4 +1,4 @@
-"""python -m vssl_fast.data {scan DIR | imagenet100 --src SRC --dst DST [--copy] [--expect-train N --expect-val N]}
+"""python -m vssl_fast.data {scan DIR [--max-image-pixels N] | imagenet100 --src SRC --dst DST [--copy] [--expect-train N --expect-val N]}
 
 Failures end as train.py's do (``vssl_fast.faults``): one line and an exit code. ``scan`` exits 0
 when every file reads, 4 (data) after listing the bad ones, 4 for a missing DIR; the builder exits
@@ -10,14 +10,16 @@ import argparse
 import sys
 
 from vssl_fast import faults
-from vssl_fast.data.tools import IN100_TRAIN_IMAGES, IN100_VAL_IMAGES, build_imagenet100, scan_tree
+from vssl_fast.data.tools import IN100_TRAIN_IMAGES, IN100_VAL_IMAGES, MAX_IMAGE_PIXELS, build_imagenet100, scan_tree
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vssl_fast.data")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("scan", help="list unreadable, truncated, empty and non-image files")
+    s = sub.add_parser("scan", help="list unreadable, truncated, empty, too large and non-image files, and link cycles")
     s.add_argument("root")
+    s.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help=f"larger images are bad, as for training (data.max_image_pixels; default {MAX_IMAGE_PIXELS:,})")
     b = sub.add_parser("imagenet100", help="build the ImageNet-100 subset as a tree of links")
     b.add_argument("--src", required=True)
     b.add_argument("--dst", required=True)
@@ -29,7 +31,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         if a.cmd == "scan":
-            bad = scan_tree(a.root)
+            bad = scan_tree(a.root, a.max_image_pixels)
         else:
             counts = build_imagenet100(a.src, a.dst, a.copy, a.expect_train, a.expect_val,
                                        log=lambda m: print(m, file=sys.stderr))

@@ -20,12 +20,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ViewSpec", "view_specs", "sample_params", "augment", "augment_list", "finish", "resized_crop", "color_jitter",
-           "grayscale",
-           "gaussian_blur", "solarize", "normalize", "rrc_params", "MEANS_STDS"]
+__all__ = ["ViewSpec", "view_specs", "sample_params", "augment", "augment_images", "size_groups", "pack_images",
+           "resized_crops", "finish", "resized_crop", "color_jitter", "grayscale", "gaussian_blur", "solarize",
+           "normalize", "rrc_params", "rrc_boxes", "MEANS_STDS"]
 
 MEANS_STDS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -102,6 +103,33 @@ def rrc_params(n, H, W, scale, ratio, g, device, attempts: int = 10):
     ww = torch.where(has, ww, torch.full_like(ww, fw))
     top = torch.where(has, top, torch.full_like(top, (H - fh) // 2))
     left = torch.where(has, left, torch.full_like(left, (W - fw) // 2))
+    return top, left, hh, ww
+
+
+def rrc_boxes(H: np.ndarray, W: np.ndarray, scale, ratio, rng: np.random.Generator, attempts: int = 10):
+    """torchvision RandomResizedCrop.get_params per image (as ``rrc_params``, in numpy on the host, one size per
+    image, float64 arrays of whole numbers): the first of 10 valid draws, else the centre crop clipped to the
+    ratio range. The DALI source and the nvJPEG path draw their boxes here, from the images' sizes."""
+    n = len(H)
+    u = rng.random((n, attempts, 4))
+    area = (H * W)[:, None]
+    target = area * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(lr0 + u[..., 1] * (lr1 - lr0))
+    w = np.round(np.sqrt(target * aspect))
+    h = np.round(np.sqrt(target / aspect))
+    ok = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])
+    first = ok.argmax(1)
+    r = np.arange(n)
+    hh, ww = h[r, first], w[r, first]
+    top = np.floor(u[r, first, 2] * (H - hh + 1))
+    left = np.floor(u[r, first, 3] * (W - ww + 1))
+    in_ratio = W / H
+    fw = np.where(in_ratio > max(ratio), np.round(H * max(ratio)), W)
+    fh = np.where(in_ratio < min(ratio), np.round(W / min(ratio)), H)
+    has = ok.any(1)
+    hh, ww = np.where(has, hh, fh), np.where(has, ww, fw)
+    top, left = np.where(has, top, (H - fh) // 2), np.where(has, left, (W - fw) // 2)
     return top, left, hh, ww
 
 
@@ -289,19 +317,65 @@ def augment(x_uint8: torch.Tensor, spec: ViewSpec, g: torch.Generator, rows: sli
     return finish(x, p, spec)
 
 
-def augment_list(images: list[torch.Tensor], spec: ViewSpec, g: torch.Generator) -> torch.Tensor:
-    """One view of a list of decoded uint8 images of different sizes [3, H_i, W_i] (e.g. nvJPEG output).
+CROP_BUDGET = 1 << 26  # elements of one float canvas of a size group (256 MB in float32)
+CROP_WASTE = 1.5  # a group's canvas holds at most this many times its images' pixels
 
-    The crop box is drawn per image from its own size; crops are resized one by one, the rest of the
-    pipeline runs batched.
-    """
-    n = len(images)
-    dev = images[0].device
-    p = sample_params(spec, n, 1, 1, g, dev)  # the non-crop parameters, batched
-    crops = []
-    for img in images:
-        _, H, W = img.shape
-        top, left, h, w = rrc_params(1, H, W, spec.scale, spec.ratio, g, dev)
-        crops.append(resized_crop(img[None].float().div_(255.0), top, left, h, w, spec.crop_size))
-    x = torch.cat(crops).clamp_(0.0, 1.0)
-    return finish(x, p, spec)
+
+def size_groups(hw: np.ndarray, budget: int = CROP_BUDGET, waste: float = CROP_WASTE) -> list[np.ndarray]:
+    """Images of sizes ``hw`` [n, 2] in groups that share one zero-padded canvas: sorted by area, an image joins
+    the current group while the canvas (images x max height x max width x 3) stays within ``budget`` elements and
+    ``waste`` times the group's own pixels. A batch of similar sizes is one group; outliers get their own."""
+    order = np.argsort(hw[:, 0].astype(np.int64) * hw[:, 1], kind="stable")
+    groups, cur, hmax, wmax, px = [], [], 0, 0, 0
+    for i in order:
+        h, w = int(hw[i, 0]), int(hw[i, 1])
+        nh, nw, npx = max(hmax, h), max(wmax, w), px + h * w
+        if cur and ((len(cur) + 1) * nh * nw * 3 > budget or (len(cur) + 1) * nh * nw > waste * npx):
+            groups.append(np.asarray(cur))
+            cur, nh, nw, npx = [], h, w, h * w
+        cur.append(int(i))
+        hmax, wmax, px = nh, nw, npx
+    if cur:
+        groups.append(np.asarray(cur))
+    return groups
+
+
+def pack_images(images: list[torch.Tensor], groups: list[np.ndarray]) -> list[torch.Tensor]:
+    """Each group's uint8 images [3, H_i, W_i] in one float canvas [g, 3, max H, max W] in [0, 1], zero-padded:
+    one copy per image, shared by both views (the crops' weights are zero outside each image's crop)."""
+    canvases = []
+    for idx in groups:
+        hmax = max(images[i].shape[1] for i in idx)
+        wmax = max(images[i].shape[2] for i in idx)
+        canvas = images[idx[0]].new_zeros((len(idx), 3, hmax, wmax))
+        for k, i in enumerate(idx):
+            canvas[k, :, : images[i].shape[1], : images[i].shape[2]] = images[i]
+        canvases.append(canvas.float().div_(255.0))
+    return canvases
+
+
+def resized_crops(canvases: list[torch.Tensor], groups: list[np.ndarray], boxes: np.ndarray, size: int) -> torch.Tensor:
+    """The crops ``boxes`` [n, 4] (top, left, height, width per image, host integers) of the packed images,
+    each resized to size x size as ``resized_crop`` (bicubic, antialiased): two batched matrix products per
+    size group, float [n, 3, size, size] clamped to [0, 1], in the images' order."""
+    dev = canvases[0].device
+    b = torch.as_tensor(np.asarray(boxes, np.int64)).to(dev, non_blocking=True)  # one copy of 4 numbers per image
+    order = torch.as_tensor(np.concatenate(groups)).to(dev, non_blocking=True)
+    outs = []
+    for idx, x in zip(groups, canvases):
+        bb = b.index_select(0, torch.as_tensor(idx).to(dev, non_blocking=True))
+        wr = _interp_matrix(bb[:, 0], bb[:, 2], x.shape[2], size, x.dtype)  # [g, S, H]
+        wc = _interp_matrix(bb[:, 1], bb[:, 3], x.shape[3], size, x.dtype)  # [g, S, W]
+        outs.append(torch.matmul(wr[:, None], torch.matmul(x, wc.transpose(1, 2)[:, None])))
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return torch.empty_like(out).index_copy_(0, order, out).clamp_(0.0, 1.0)  # back to the images' order
+
+
+def augment_images(canvases, groups, boxes: np.ndarray, spec: ViewSpec, g: torch.Generator) -> torch.Tensor:
+    """One view of decoded images of different sizes (packed by ``pack_images``; e.g. nvJPEG output): the crops
+    ``boxes`` (drawn on the host from the images' own sizes, ``rrc_boxes``) resized batched per size group,
+    the rest of the pipeline batched over the whole batch, parameters from ``g``. A bounded number of
+    launches per batch: per size group, not per image (tests/data/test_folder_torchvision.py counts them)."""
+    n = len(boxes)
+    p = sample_params(spec, n, 1, 1, g, canvases[0].device)  # the non-crop parameters, batched
+    return finish(resized_crops(canvases, groups, boxes, spec.crop_size), p, spec)

@@ -16,16 +16,22 @@ the bank as a fixed stratified random sample of the train folder.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import numpy as np
 
 from vssl_fast.config import device_formats
 from vssl_fast.data.augment import view_specs
 from vssl_fast.data.folder_dali import DaliTwoViewLoader
 from vssl_fast.data.folder_eval import FolderEvalLoader
-from vssl_fast.data.folder_files import BadFiles, default_workers, split_dir, validate_folder
+from vssl_fast.data.folder_files import BadDataError, BadFiles, FolderSamples, default_workers, split_dir, validate_folder
 from vssl_fast.data.folder_torchvision import NvjpegTwoViewLoader, TorchvisionTwoViewLoader
+from vssl_fast.data.tools import set_max_image_pixels
 
-__all__ = ["build_folder_data", "dali_available"]
+log = logging.getLogger("vssl_fast")
+
+__all__ = ["build_folder_data", "dali_available", "check_classes"]
 
 
 def dali_available() -> tuple[bool, str]:
@@ -35,6 +41,30 @@ def dali_available() -> tuple[bool, str]:
     except Exception as e:  # noqa: BLE001 - any import failure means "no DALI"
         return False, f"nvidia.dali is not importable ({type(e).__name__}: {e}); install the 'dali' extra"
     return True, "nvidia.dali is installed"
+
+
+def check_classes(train: FolderSamples, val: FolderSamples, expected: int = 0, rank: int = 0) -> None:
+    """Both splits must hold the same class folders (labels are the sorted folders' indices: a class missing from
+    one split would shift every later label), and a tree with other than ``expected`` classes (``data.num_classes``:
+    100 for ImageNet-100) says so in the log; classes without a readable image are named too."""
+    if train.classes != val.classes:
+        only_t = sorted(set(train.classes) - set(val.classes))
+        only_v = sorted(set(val.classes) - set(train.classes))
+        raise BadDataError(f"{train.root} and {val.root} hold different classes ({len(train.classes)} and "
+                           f"{len(val.classes)}; only in train: {only_t[:5]}, only in val: {only_v[:5]}): labels would "
+                           "not match; give both splits the same class folders")
+    if rank != 0:
+        return
+    if expected and len(train.classes) != expected:
+        fewer = len(train.classes) < expected
+        log.warning("data: %d classes under %s, %s the %d the dataset has (data.num_classes=%d): %s",
+                    len(train.classes), train.root, "fewer than" if fewer else "more than", expected, expected,
+                    "this run trains and evaluates on part of it" if fewer else "is data.path the dataset meant?")
+    for s in (train, val):
+        empty = sorted(set(s.classes) - {s.classes[int(y)] for y in np.unique(s.labels)})
+        if empty:
+            log.warning("data: %d classes under %s hold no readable image: %s", len(empty), s.root,
+                        ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
 
 
 def build_folder_data(cfg, device, rank: int = 0, world: int = 1):
@@ -49,8 +79,11 @@ def build_folder_data(cfg, device, rank: int = 0, world: int = 1):
     train_dir, val_dir = split_dir(root, ("train",)), split_dir(root, ("val", "test"))
     specs = view_specs("imagenet", d.augmentations, d.crop_size)
     bad = BadFiles(d.max_bad_fraction, rank)
-    train_s = validate_folder(train_dir, d.cache_dir, bad, "train")  # once per tree (cached): bad files left out
-    validate_folder(val_dir, d.cache_dir, bad, "val")
+    set_max_image_pixels(d.max_image_pixels)  # PIL's own limit, for the loaders' workers
+    # once per tree (cached): bad files left out
+    train_s = validate_folder(train_dir, d.cache_dir, bad, "train", max_pixels=d.max_image_pixels)
+    val_s = validate_folder(val_dir, d.cache_dir, bad, "val", max_pixels=d.max_image_pixels)
+    check_classes(train_s, val_s, d.num_classes, rank)
     workers = default_workers(d.workers)
     _, dt, cl = device_formats(cfg, device)
     ok, why = dali_available()
@@ -61,9 +94,9 @@ def build_folder_data(cfg, device, rank: int = 0, world: int = 1):
         # the Python reader processes of the pipeline's external source; none on a CPU (serial, in this process)
         dw = default_workers(d.workers, cap=4) if device.type == "cuda" else d.workers
         train = DaliTwoViewLoader(train_s, specs, cfg.train.batch_size, cfg.train.seed, rank, world, device, cl, dt,
-                                  workers=dw, bad=bad)  # the pipeline is built on the first batch
-        desc = (f"DALI ({'GPU mixed decode' if device.type == 'cuda' else 'CPU-only'}, {dw} reader processes) on "
-                f"{train_dir}: {why}")
+                                  workers=dw, bad=bad, threads=d.dali_threads,
+                                  hw_decoder_load=d.dali_hw_decoder_load)  # the pipeline is built on the first batch
+        desc = f"{train.describe()}, on {train_dir}: {why}"
     else:
         reason = "data.loader=torchvision" if d.loader == "torchvision" else why
         cls = NvjpegTwoViewLoader if device.type == "cuda" else TorchvisionTwoViewLoader

@@ -142,46 +142,69 @@ _VALIDATED: dict[tuple[str, str], dict] = {}  # (folder, listing key) -> results
 _KNOWN_BAD: dict[str, str] = {}  # path -> why, for SkippingImageFolder built on a validated tree
 
 
-def _list_tree(root: Path) -> tuple[list[str], list[tuple[str, int]], str]:
-    """Classes, (relative path, label) of every image file (ImageFolder's rules), and a key of the listing
-    (names, sizes, modification times) that changes whenever a file does."""
+def _list_tree(root: Path) -> tuple[list[str], list[tuple[str, int]], str, list[tuple[str, str]]]:
+    """Classes, (relative path, label) of every image file (ImageFolder's rules and order), a key of the listing
+    (names, sizes, modification times) that changes whenever a file does, and the entries left out: folder
+    links to a folder already listed (link cycles: ``tools.walk_tree``) and second names of a file already
+    listed, so that each real file is listed once."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from vssl_fast.data.tools import walk_tree
 
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
         raise FileNotFoundError(f"{root}: no class folders; expected {root}/<class>/*.jpg")
-    files, h = [], hashlib.sha1()
+    claimed: dict = {}
+    for c in classes:  # every class folder is its own, whatever links inside the others point at
+        with contextlib.suppress(OSError):
+            st = os.stat(root / c)
+            claimed.setdefault((st.st_dev, st.st_ino), str(root / c))
+    files, problems, seen, h = [], [], {}, hashlib.sha1()
     for label, c in enumerate(classes):
-        for dirpath, _, names in sorted(os.walk(root / c, followlinks=True)):
-            for name in sorted(names):
+        folders, loops = walk_tree(root / c, claimed)
+        problems += loops
+        for dirpath, names in folders:
+            for name in names:
                 if not name.lower().endswith(IMG_EXTENSIONS):
                     continue
                 p = os.path.join(dirpath, name)
                 rel = os.path.relpath(p, root)
                 try:
                     st = os.stat(p)
-                    h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
                 except OSError:
                     h.update(f"{rel}|missing\n".encode())
+                    files.append((rel, label))
+                    continue
+                first = seen.setdefault((st.st_dev, st.st_ino), p)
+                if first != p:
+                    problems.append((p, f"the same file as {first}, which is listed once"))
+                    continue
+                h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
                 files.append((rel, label))
-    return classes, files, h.hexdigest()[:20]
+    for p, why in problems:
+        h.update(f"{os.path.relpath(p, root)}|{why}\n".encode())
+    return classes, files, h.hexdigest()[:20], problems
 
 
 def validate_folder(root, cache_dir: str | None = "~/.cache/vssl_fast", bad: BadFiles | None = None,
-                    split: str = "train") -> FolderSamples:
+                    split: str = "train", max_pixels: int | None = None) -> FolderSamples:
     """Check every image file of a class-folder tree once (``tools.quick_check``: size, header, end
-    marker, no decoding), register the bad ones in ``bad`` and return the readable ones with their sizes.
+    marker, no decoding; images of more than ``max_pixels`` pixels, ``data.max_image_pixels``, are bad too),
+    register the bad ones in ``bad`` with the entries the listing left out (link cycles, second names of a
+    file) and return the readable ones with their sizes.
 
-    The results are cached in ``cache_dir`` (keyed by the folder and every file's name, size and
-    modification time), so a tree is checked again only when it changes; threads check files in parallel.
+    The results are cached in ``cache_dir`` (keyed by the folder, every file's name, size and
+    modification time, and the pixel limit), so a tree is checked again only when it changes; threads
+    check files in parallel.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from vssl_fast.data.tools import quick_check
+    from vssl_fast.data.tools import MAX_IMAGE_PIXELS, quick_check
 
+    max_pixels = int(max_pixels or MAX_IMAGE_PIXELS)
     root = Path(root).expanduser().absolute()  # not resolved: paths as ImageFolder(root) spells them (_KNOWN_BAD)
-    classes, files, key = _list_tree(root)
-    memo = (str(root), key)
+    classes, files, key, left_out = _list_tree(root)
+    memo = (str(root), key, max_pixels)
     res = _VALIDATED.get(memo)
     cache = None
     if res is None and cache_dir:
@@ -193,7 +216,7 @@ def validate_folder(root, cache_dir: str | None = "~/.cache/vssl_fast", bad: Bad
     if res is None:
         t0 = time.time()
         with ThreadPoolExecutor(max_workers=min(16, 2 * (os.cpu_count() or 1))) as ex:
-            checked = list(ex.map(lambda f: quick_check(root / f[0]), files, chunksize=256))
+            checked = list(ex.map(lambda f: quick_check(root / f[0], max_pixels), files, chunksize=256))
         res = {rel: (list(hw) if why is None else why) for (rel, _), (why, hw) in zip(files, checked)}
         log.info("checked %d image files under %s in %.1fs", len(files), root, time.time() - t0)
         if cache is not None:
@@ -206,7 +229,9 @@ def validate_folder(root, cache_dir: str | None = "~/.cache/vssl_fast", bad: Bad
                 log.warning("could not cache the file check of %s in %s (%s)", root, cache, e)
     _VALIDATED[memo] = res
     bad = bad if bad is not None else BadFiles(float("inf"))
-    bad.splits[split] = (str(root), len(files))
+    bad.splits[split] = (str(root), len(files) + len(left_out))
+    for p, why in left_out:
+        bad.add(split, p, why, shared=True)
     paths, labels, sizes = [], [], []
     for rel, label in files:
         r = res[rel]
@@ -309,12 +334,11 @@ class SkippingImageFolder(torch.utils.data.Dataset):
         if samples is not None:
             self.inner = _Samples(samples.root, samples.classes,
                                   [(p, int(y)) for p, y in zip(samples.paths, samples.labels)])
-        else:
-            from torchvision.datasets import ImageFolder
-
-            inner = ImageFolder(str(root))
-            keep = [(p, y) for p, y in inner.samples if p not in _KNOWN_BAD]
-            self.inner = _Samples(inner.root, inner.classes, keep) if len(keep) < len(inner.samples) else inner
+        else:  # ImageFolder's listing, without its link cycles (each real file once)
+            root = Path(root).expanduser().absolute()
+            classes, files, _, _ = _list_tree(root)
+            keep = [(p, y) for p, y in ((str(root / rel), label) for rel, label in files) if p not in _KNOWN_BAD]
+            self.inner = _Samples(root, classes, keep)
         self.transform = transform
         self.bad: set[str] = set()
 

@@ -1,17 +1,20 @@
 """The torchvision training loaders for class-folder trees (no DALI, or ``data.loader=torchvision``).
 
 With a GPU (``NvjpegTwoViewLoader``), workers read the file bytes and ``torchvision.io.decode_jpeg``
-decodes each batch with nvJPEG on the GPU, where both views are cropped and augmented
-(``augment_list``); without one (``TorchvisionTwoViewLoader``), worker processes produce both views
-with the PIL transforms (PIL GaussianBlur and Solarize, as solo-learn's torchvision pipeline),
-torch's and Python's generators seeded per sample. A file that passes the check but fails to decode
-is skipped where it is met (the next file takes its place), counted in the main process, logged once.
+decodes each batch with nvJPEG on the GPU (on a stream of its own, ordered against training; CMYK and
+non-JPEG files decoded by PIL on the CPU), where both views are cropped and augmented batched
+(``augment.augment_images``), every batch full (a file nothing decodes is replaced, counted). Without
+one (``TorchvisionTwoViewLoader``), worker processes produce both views with the PIL transforms (PIL
+GaussianBlur and Solarize, as solo-learn's torchvision pipeline), torch's and Python's generators
+seeded per sample. A file that passes the check but fails to decode is skipped where it is met (the
+next file takes its place), counted in the main process, logged once.
 """
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 
 from vssl_fast.data.augment import ViewSpec
@@ -101,7 +104,7 @@ class TorchvisionTwoViewLoader(PositionalLoader):
 
 
 class _BytesFolder(torch.utils.data.Dataset):
-    """(encoded bytes, label, path) of samples ``idx``; decoding happens batched on the device."""
+    """(encoded bytes, sample index) of samples ``idx``; decoding happens batched on the device."""
 
     def __init__(self, samples: FolderSamples, idx: list[int]):
         self.samples, self.idx = samples, idx
@@ -111,62 +114,178 @@ class _BytesFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, j):
         i = self.idx[j]
-        path = self.samples.paths[i]
-        with open(path, "rb") as f:
-            return f.read(), int(self.samples.labels[i]), path  # plain bytes: pickled back, no shared-memory fds
+        with open(self.samples.paths[i], "rb") as f:
+            return f.read(), i  # plain bytes: pickled back, no shared-memory fds
 
 
 def _collate_bytes(batch):
-    return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_components(data: bytes) -> int | None:
+    """The number of colour components a JPEG's frame header declares (1 grey, 3 YCbCr, 4 CMYK/YCCK), or None
+    when the bytes are no JPEG (a PNG named .JPEG, say) or the header cannot be found."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _SOF:
+            return data[i + 9] if i + 9 < n else None
+        if marker == 0xDA:  # scan data before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def decode_on_cpu(data: bytes) -> torch.Tensor:
+    """Any image PIL reads (CMYK JPEGs, PNGs named .JPEG, ...) as uint8 RGB [3, H, W], as the PIL path sees it."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 class NvjpegTwoViewLoader(PositionalLoader):
     """torchvision path with a GPU: workers read file bytes, ``decode_jpeg(device='cuda')`` decodes the
-    batch with nvJPEG, and both views are cropped and augmented on the GPU (``augment_list``) with a
-    generator seeded by (seed, rank, epoch, step). Files that fail to decode are skipped and counted
-    (the batch is smaller); a batch that is all bad is an error."""
+    batch with nvJPEG, and both views are cropped and augmented on the GPU in a bounded number of launches
+    (``augment.augment_images``: crops batched per size group) from parameters seeded by (seed, rank, epoch,
+    step): crop boxes on the host from the decoded sizes, the rest from a device generator.
+
+    Safe against training memory: nvJPEG's hardware engine does not keep the order of the stream it is given
+    (pytorch/vision PR 9606, torchcodec PR 1634), so it may write into blocks the caching allocator hands out
+    while queued kernels still read them. Here decoding runs on a stream of its own, whose pool only ever
+    holds decoded images; each decoded image is marked as used by the training stream (``record_stream``),
+    so its block is handed out again only after the training stream's work on it has completed, and the host
+    waits for the decode (not for training) before the images are used.
+
+    Every batch is full: files nvJPEG cannot decode (CMYK, a PNG named .JPEG) are decoded on the CPU by PIL;
+    a file nothing decodes is counted as bad (logged once) and replaced by the next readable sample of the
+    tree, deterministically, with its label."""
 
     def __init__(self, train_dir, specs, batch_size, seed, rank, world, device, workers, channels_last, out_dtype, *,
                  bad: BadFiles | None = None, cache_dir: str | None = "~/.cache/vssl_fast"):
+        from vssl_fast.distributed import resolve_device
+
         self.bad = bad if bad is not None else BadFiles()
         self._init_position(samples_of(train_dir, cache_dir, self.bad), batch_size, seed, rank, world)
-        self.specs, self.device, self.workers, self.channels_last, self.out_dtype = (specs, device, workers,
-                                                                                    channels_last, out_dtype)
+        self.specs, self.workers, self.channels_last, self.out_dtype = specs, workers, channels_last, out_dtype
+        self.device = resolve_device(device)
+        self._stream = None  # the decode stream, made on the first CUDA batch
 
-    def _decode(self, raw, paths):
+    def describe(self) -> str:
+        where = f"nvJPEG decode on {self.device}" if self.device.type == "cuda" else "decode_jpeg on the CPU"
+        return f"torchvision {where}, batched augmentation on {self.device}, {self.workers} byte-reading workers"
+
+    def _decode_batch(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        """decode_jpeg on the device; on CUDA ordered against the training stream (see the class)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raw]
-        try:
-            return decode_jpeg(datas, device=self.device, mode=ImageReadMode.RGB), list(range(len(datas)))
-        except RuntimeError:  # find the bad ones one by one
-            imgs, keep = [], []
-            for k, (d, p) in enumerate(zip(datas, paths)):
-                try:
-                    imgs.append(decode_jpeg(d, device=self.device, mode=ImageReadMode.RGB))
-                    keep.append(k)
-                except RuntimeError as e:
-                    self.bad.add("train", p, f"undecodable: {e}")
-            if not imgs:
-                raise BadDataError(f"a whole batch of {len(datas)} images failed to decode, e.g. {paths[:3]}; run "
-                                   f"`python -m vssl_fast.data scan {self.samples.root}`") from None
-            return imgs, keep
+        if self.device.type != "cuda":
+            return list(decode_jpeg(datas, device=self.device, mode=ImageReadMode.RGB))
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._stream):
+            out = list(decode_jpeg(datas, device=self.device, mode=ImageReadMode.RGB))
+        self._stream.synchronize()  # the decode has finished writing: nvJPEG keeps no stream order
+        for img in out:
+            img.record_stream(main)  # its block returns to the decode stream's pool only after main used it
+        return out
+
+    def _decode_one(self, raw: bytes) -> torch.Tensor:
+        """One file: nvJPEG when it can (a JPEG of 1 or 3 components), else, or when it fails, PIL on the CPU."""
+        if jpeg_components(raw) in (1, 3):
+            try:
+                return self._decode_batch([torch.frombuffer(bytearray(raw), dtype=torch.uint8)])[0]
+            except RuntimeError:
+                pass
+        return decode_on_cpu(raw).to(self.device, non_blocking=True)
+
+    def _replacement(self, i: int) -> tuple[torch.Tensor, int]:
+        """The next sample after ``i`` in the tree's order that decodes (image, sample index); files that fail on
+        the way are counted as bad."""
+        n = len(self.samples)
+        for k in range(1, n):
+            j = (i + k) % n
+            path = self.samples.paths[j]
+            if path in self.bad:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    return self._decode_one_or_fail(f.read()), j
+            except Exception as e:  # noqa: BLE001 - a bad file: count it, take the next
+                self.bad.add("train", path, f"undecodable: {type(e).__name__}: {e}")
+        raise BadDataError(f"no image under {self.samples.root} decodes; run `python -m vssl_fast.data scan "
+                           f"{self.samples.root}`")
+
+    def _decode_one_or_fail(self, raw: bytes) -> torch.Tensor:
+        img = self._decode_one(raw)
+        if img.dim() != 3 or img.shape[0] != 3 or min(img.shape[1:]) < 1:
+            raise ValueError(f"decoded to shape {tuple(img.shape)}")
+        return img
+
+    def _decode(self, raw: list[bytes], idx: list[int]) -> tuple[list[torch.Tensor], list[int]]:
+        """The batch's images, always as many as files, and the sample each came from (a bad file's replacement)."""
+        imgs: list = [None] * len(raw)
+        gpu = [k for k, b in enumerate(raw) if jpeg_components(b) in (1, 3)]  # what nvJPEG decodes
+        if gpu:
+            try:
+                for k, img in zip(gpu, self._decode_batch([torch.frombuffer(bytearray(raw[k]), dtype=torch.uint8)
+                                                           for k in gpu])):
+                    imgs[k] = img
+            except RuntimeError:  # one bad file fails the batched call: one by one below
+                pass
+        src = list(idx)
+        for k, img in enumerate(imgs):
+            if img is not None:
+                continue
+            try:
+                imgs[k] = self._decode_one_or_fail(raw[k])
+            except Exception as e:  # noqa: BLE001 - a bad file: counted, replaced
+                self.bad.add("train", self.samples.paths[idx[k]], f"undecodable: {type(e).__name__}: {e}")
+                imgs[k], src[k] = self._replacement(idx[k])
+        return imgs, src
 
     def __iter__(self):
         """The rest of the current epoch; afterwards the loader points at the next epoch's start."""
-        from vssl_fast.data.augment import augment_list
+        from vssl_fast.data.augment import augment_images, pack_images, rrc_boxes, size_groups
         from vssl_fast.data.loader import batch_seed
 
-        idx = self._order(self.epoch)[self.step:].reshape(-1).tolist()
-        dl = torch.utils.data.DataLoader(_BytesFolder(self.samples, idx), batch_size=self.batch_size,
+        order = self._order(self.epoch)[self.step:].reshape(-1).tolist()
+        dl = torch.utils.data.DataLoader(_BytesFolder(self.samples, order), batch_size=self.batch_size,
                                          num_workers=self.workers, drop_last=True, collate_fn=_collate_bytes,
                                          generator=torch.Generator().manual_seed(0))
-        for datas, y, paths in dl:
-            imgs, keep = self._decode(datas, paths)
-            g = torch.Generator(device=self.device).manual_seed(batch_seed(self.seed, self.rank, self.epoch, self.step))
-            v1, v2 = (augment_list(imgs, s, g).to(self.out_dtype) for s in self.specs)
-            if self.channels_last:
-                v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
+        for raw, idx in dl:
+            imgs, src = self._decode(raw, idx)
+            hw = np.array([img.shape[1:] for img in imgs], dtype=np.int64)
+            groups = size_groups(hw)
+            canvases = pack_images(imgs, groups)
+            del imgs
+            seed = batch_seed(self.seed, self.rank, self.epoch, self.step)
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            rng = np.random.default_rng(seed)
+            views = []
+            for s in self.specs:
+                boxes = np.stack(rrc_boxes(hw[:, 0].astype(np.float64), hw[:, 1].astype(np.float64), s.scale,
+                                           s.ratio, rng), axis=1)
+                v = augment_images(canvases, groups, boxes, s, g).to(self.out_dtype)
+                views.append(v.contiguous(memory_format=torch.channels_last) if self.channels_last else v)
+            y = torch.as_tensor(self.samples.labels[src]).to(self.device, non_blocking=True)
             self.step += 1
-            yield v1, v2, y[keep].to(self.device, non_blocking=True)
+            yield views[0], views[1], y
         self.epoch, self.step = self.epoch + 1, 0

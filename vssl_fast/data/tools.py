@@ -28,15 +28,80 @@ from pathlib import Path
 from vssl_fast.data.sources import IMAGE_EXTS
 from vssl_fast.faults import DataError, RunDirError
 
-__all__ = ["scan_tree", "quick_check", "imagenet100_classes", "build_imagenet100", "IN100_TRAIN_IMAGES",
-           "IN100_VAL_IMAGES"]
+__all__ = ["scan_tree", "quick_check", "walk_tree", "imagenet100_classes", "build_imagenet100", "IN100_TRAIN_IMAGES",
+           "IN100_VAL_IMAGES", "MAX_IMAGE_PIXELS", "set_max_image_pixels"]
 
 IN100_TRAIN_IMAGES = 126_689
 IN100_VAL_IMAGES = 5_000
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS): data.max_image_pixels' default
 
 
-def _problem(path: Path) -> str | None:
-    """Why a file is not a readable image, or None when it is."""
+def _too_large(w: int, h: int, max_pixels: int) -> str | None:
+    if w * h > max_pixels:
+        return (f"too large: {w}x{h} = {w * h:,} pixels, more than data.max_image_pixels={max_pixels:,} (PIL and "
+                "the loaders refuse such images as decompression bombs; raise the setting to use it)")
+    return None
+
+
+def set_max_image_pixels(max_pixels: int) -> None:
+    """PIL's decompression-bomb limit (process-wide, inherited by forked workers) at ``data.max_image_pixels``.
+    PIL refuses twice as many pixels and warns above the limit; the warning is silenced, since the file check
+    makes every image above the limit a bad file, named once in the log."""
+    import warnings
+
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # idempotent: one filter
+
+
+def _open_header(f, max_pixels: int):
+    """PIL's Image.open under the limit ``max_pixels`` (the callers' size check decides)."""
+    from PIL import Image
+
+    set_max_image_pixels(max_pixels)
+    return Image.open(f)
+
+
+def walk_tree(top, claimed: dict | None = None) -> tuple[list[tuple[str, list[str]]], list[tuple[str, str]]]:
+    """Every folder under ``top`` with its file names, links followed and each real folder listed once:
+    ([(folder, sorted file names)] sorted by folder, as ``sorted(os.walk(top, followlinks=True))`` lists them,
+    [(link, why)] for each folder link that leads to a folder already listed, which is left out). A link
+    cycle (``ln -s . cat/self``) is one of these: os.walk and torchvision's ImageFolder follow it until the
+    path is too long, listing the files above it again at every level. ``claimed`` (real folder -> the path
+    that listed it) is shared across calls for the class folders of one tree."""
+    claimed = {} if claimed is None else claimed
+    out, problems = [], []
+
+    def visit(d: str) -> None:
+        try:
+            st = os.stat(d)
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:  # unreadable: os.walk skips it too
+            return
+        key = (st.st_dev, st.st_ino)
+        if claimed.setdefault(key, d) != d:
+            first = claimed[key]
+            why = "a link cycle" if (d + os.sep).startswith(first + os.sep) else "a second way to a folder"
+            problems.append((d, f"{why}: the folder {first} is listed once, this link is left out"))
+            return
+        files, dirs = [], []
+        for e in entries:
+            try:
+                (dirs if e.is_dir() else files).append(e.name)
+            except OSError:
+                files.append(e.name)
+        out.append((d, files))
+        for name in dirs:
+            visit(os.path.join(d, name))
+
+    visit(str(top))
+    out.sort(key=lambda x: x[0])
+    return out, problems
+
+
+def _problem(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
+    """Why a file is not a readable image (too large included), or None when it is."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -53,9 +118,13 @@ def _problem(path: Path) -> str | None:
     except OSError as e:
         return f"unreadable ({e.strerror})"
     try:
-        with Image.open(path) as im:
+        with _open_header(path, max_pixels) as im:
             fmt = im.format
+            if why := _too_large(*im.size, max_pixels):
+                return why
             im.load()  # decodes every byte: truncated data raises here
+    except Image.DecompressionBombError as e:
+        return f"too large ({e})"
     except UnidentifiedImageError:
         return "not an image"
     except (OSError, SyntaxError, ValueError) as e:
@@ -68,7 +137,7 @@ def _problem(path: Path) -> str | None:
 _TAIL = 4096  # bytes read from a file's end to find its end marker (JPEG allows trailing padding after EOI)
 
 
-def quick_check(path: str | Path) -> tuple[str | None, tuple[int, int] | None]:
+def quick_check(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str | None, tuple[int, int] | None]:
     """(problem, None) for a bad file, (None, (height, width)) for a good one, without decoding.
 
     Checks the size (empty), the header (PIL identifies the format and reads the image size: not an
@@ -87,8 +156,10 @@ def quick_check(path: str | Path) -> tuple[str | None, tuple[int, int] | None]:
     try:
         with open(path, "rb") as f:
             try:
-                with Image.open(f) as im:  # parses the header only
+                with _open_header(f, max_pixels) as im:  # parses the header only
                     fmt, (w, h) = im.format, im.size
+            except Image.DecompressionBombError as e:
+                return f"too large ({e})", None
             except UnidentifiedImageError:
                 return "not an image", None
             except (OSError, SyntaxError, ValueError) as e:
@@ -103,28 +174,32 @@ def quick_check(path: str | Path) -> tuple[str | None, tuple[int, int] | None]:
         return "truncated (PNG without IEND chunk)", None
     if w < 1 or h < 1:
         return f"empty image ({w}x{h})", None
+    if why := _too_large(w, h, max_pixels):
+        return why, None
     return None, (h, w)
 
 
-def scan_tree(root: str | Path) -> list[tuple[str, str]]:
-    """(path, problem) for every file under root that is empty, unreadable, truncated or not an image.
+def scan_tree(root: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> list[tuple[str, str]]:
+    """(path, problem) for every file under root that is empty, unreadable, truncated, not an image or larger than
+    ``max_pixels``, and for every folder link that leads to a folder already listed (a link cycle, say).
 
-    Files with image extensions are decoded; files with other extensions are listed as non-images
-    (DALI's file reader would hand them to the decoder too).
+    Links are followed as the loaders follow them (``walk_tree``). Files with image extensions are
+    decoded; files with other extensions are listed as non-images (DALI's file reader would hand them
+    to the decoder too).
     """
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"scan: {root} does not exist")
-    bad = []
-    for dirpath, _, files in os.walk(root):
-        for f in sorted(files):
+    folders, bad = walk_tree(root)
+    for dirpath, files in folders:
+        for f in files:
             p = Path(dirpath) / f
             if f.startswith("."):
                 continue
             if not f.lower().endswith(IMAGE_EXTS):
                 bad.append((str(p), "not an image (extension)"))
                 continue
-            why = _problem(p)
+            why = _problem(p, max_pixels)
             if why:
                 bad.append((str(p), why))
     return sorted(bad)
