@@ -61,8 +61,6 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-def init_distributed(timeout_s: int, force_cpu: bool = False) -> DistInfo:
-
 ASYNC_ERRORS = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 
 

@@ -144,3 +144,18 @@ def test_splits_with_different_classes_are_a_data_error(tree, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="vssl_fast")
     build_folder_data(_cfg(tree, tmp_path), torch.device("cpu"))
     assert "1 classes under" in caplog.text and "hold no readable image: dog" in caplog.text
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_a_batch_larger_than_an_image_folder_is_a_config_error(loader, tree, tmp_path):
+    """As for CIFAR: train.batch_size named (exit 2), not data.path (exit 4)."""
+    from vssl_fast.config import ConfigError
+    from vssl_fast.data import reading_data
+    from vssl_fast.data.folder import build_folder_data
+
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is an optional extra")
+    cfg = _cfg(tree, tmp_path, "--train.batch_size=1000", f"--data.loader={loader}")
+    with pytest.raises(ConfigError, match=r"^train.batch_size: 160 readable training images under .* cannot fill one"):
+        with reading_data(cfg.data):
+            build_folder_data(cfg, torch.device("cpu"))

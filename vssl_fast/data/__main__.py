@@ -1,4 +1,5 @@
-"""python -m vssl_fast.data {scan DIR [--max-image-pixels N] | imagenet100 --src SRC --dst DST [--copy] [--expect-train N --expect-val N]}
+"""python -m vssl_fast.data {scan DIR [--max-image-pixels N] | imagenet100 --src SRC --dst DST [--copy]
+                                [--expect-train N --expect-val N]}
 
 Failures end as train.py's do (``vssl_fast.faults``): one line and an exit code. ``scan`` exits 0
 when every file reads, 4 (data) after listing the bad ones, 4 for a missing DIR; the builder exits

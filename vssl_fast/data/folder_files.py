@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vssl_fast.data.loader import full_batches
 from vssl_fast.faults import DataError
 
 log = logging.getLogger("vssl_fast")
@@ -258,10 +259,9 @@ class PositionalLoader:
 
     def _init_position(self, samples: FolderSamples, batch_size, seed, rank, world):
         self.samples, self.batch_size, self.seed, self.rank, self.world = samples, batch_size, seed, rank, world
-        self.steps_per_epoch = len(samples) // (world * batch_size)
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"{len(samples)} readable training images under {samples.root} cannot fill one global "
-                             f"batch of {world} x {batch_size}")
+        # a batch larger than the data: a config error naming train.batch_size (exit 2), as for CIFAR
+        self.steps_per_epoch = full_batches(len(samples), world, batch_size,
+                                            f"{len(samples)} readable training images under {samples.root}")
         self.epoch, self.step = 0, 0
 
     def state_dict(self) -> dict:
