@@ -36,8 +36,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view",
               "_reshape_alias", "lift_fresh", "set_", "resize_", "_has_compatible_shallow_copy_type"}
 # ops that make the host wait for the device (a sync per call)
-HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "nonzero_static", "masked_select", "is_nonzero", "equal",
-                 "allclose", "unique", "_unique2", "unique_consecutive", "repeat_interleave", "bincount"}
+# (nonzero_static and repeat_interleave with an int count do not sync; repeat_interleave with a tensor does:
+# counted, as the conservative side)
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "is_nonzero", "equal", "allclose",
+                 "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave", "bincount",
+                 "histc", "masked_scatter_"}
 # ATen's CUDA multi_tensor_apply: tensors per launch by the number of lists (depth), blocks per launch,
 # elements per block (aten/src/ATen/native/cuda/MultiTensorApply.cuh)
 _MTA_MAX_TENSORS = (110, 64, 48, 36, 30)
@@ -66,8 +69,11 @@ def _is_view(func) -> bool:
 
 
 def _mta_launches(tensors: list, depth: int) -> int:
-    """Kernels ATen's CUDA multi_tensor_apply launches for one list of ``tensors`` at ``depth`` lists:
-    a launch whenever the tensors or the blocks of the launch being filled reach their limit."""
+    """Kernels ATen's CUDA multi_tensor_apply launches for one list of ``tensors`` at ``depth`` lists, as
+    MultiTensorApply.cuh fills them: empty tensors skipped; a launch when the blocks reach their limit, or
+    the tensors do at a tensor's last chunk; after a launch the tensor count restarts at 0, or at 1 when
+    the tensor goes on into the next launch. (The 4 KB kernel-argument limits: on CUDA >= 12.1 some
+    functors take larger launches, so on a card this is an upper bound for those.)"""
     max_t = _MTA_MAX_TENSORS[min(depth, len(_MTA_MAX_TENSORS)) - 1]
     launches = n_t = n_b = 0
     for t in tensors:
@@ -77,43 +83,56 @@ def _mta_launches(tensors: list, depth: int) -> int:
         chunks = -(-t.numel() // _MTA_CHUNK)
         for c in range(chunks):
             n_b += 1
-            tensors_full = n_t == max_t and c == chunks - 1
-            if n_b == _MTA_MAX_BLOCKS or tensors_full:
+            if n_b == _MTA_MAX_BLOCKS or (n_t == max_t and c == chunks - 1):
                 launches += 1
                 n_b = 0
-                if tensors_full:
-                    n_t = 0
-                elif c < chunks - 1:
-                    n_t = 1  # the tensor continues in the next launch
+                n_t = 0 if c == chunks - 1 else 1
     return launches + (1 if n_b else 0)
 
 
-def foreach_route(name: str, lists: list[list], scalars=()) -> tuple[bool, str]:
+def _norm_launches(tensors: list) -> int:
+    """``_foreach_norm`` on its fast path (ATen's ForeachReduceOp.cu): the zeroed partials, the
+    multi_tensor_apply sweep, the clean-up kernels (one per launch-sized group of tensors) and a zero
+    fill per empty tensor."""
+    n = len(tensors)
+    empty = sum(1 for t in tensors if t.numel() == 0)
+    return 1 + _mta_launches(tensors, 1) + -(-n // _MTA_MAX_TENSORS[0]) + empty
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Sizes equal and strides equal where the size is above 1 (ATen ignores size-1 dims' strides)."""
+    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def foreach_route(name: str, lists: list[list], scalars=(), norm_ord=2) -> tuple[bool, str]:
     """Would ATen's CUDA ``_foreach_*`` take its fast path (one multi_tensor_apply) for these lists?
     (aten/src/ATen/native/ForeachUtils.h, check_fast_path_restrictions): one device for all tensors,
-    one dtype (a copy's destination may differ from its source, which must be uniform), the same sizes
-    and strides across lists, dense non-overlapping tensors, no integer tensors for ops that promote
-    them to float, no float scalar on integer tensors. Returns (fast, why not)."""
+    one dtype per list and, but for a copy's destination, the same dtype across lists; the same sizes
+    and strides across lists (size-1 dims aside), dense non-overlapping tensors, no integer tensors for
+    ops that promote them to float, no float scalar on integer tensors; a norm of order 1, 2 or inf.
+    Returns (fast, why not)."""
     first = [t for lst in lists for t in lst]
     if not first:
         return True, ""
     devices = {t.device for t in first}
     if len(devices) > 1:
         return False, f"devices {sorted(map(str, devices))}"
-    check = lists[1:] if name in _FOREACH_MIXED_DST else lists
-    for k, lst in enumerate(check):
+    for k, lst in enumerate(lists):
         dts = {t.dtype for t in lst}
         if len(dts) > 1:
-            return False, f"list {k + (1 if name in _FOREACH_MIXED_DST else 0)} mixes {sorted(map(str, dts))}"
-    if name not in _FOREACH_MIXED_DST and len({t.dtype for t in first}) > 1:
+            return False, f"list {k} mixes {sorted(map(str, dts))}"
+    cross = lists[1:] if name in _FOREACH_MIXED_DST else lists
+    if len({t.dtype for lst in cross for t in lst}) > 1:
         return False, f"lists of different dtypes {sorted({str(t.dtype) for t in first})}"
     for lst in lists[1:]:
         for a, b in zip(lists[0], lst):
-            if a.shape != b.shape or a.stride() != b.stride():
+            if not _same_layout(a, b):
                 return False, f"sizes/strides differ across lists ({tuple(a.shape)}{a.stride()} vs {tuple(b.shape)}{b.stride()})"
     for t in first:
         if not is_non_overlapping_and_dense(t):
             return False, f"a tensor of shape {tuple(t.shape)} strides {t.stride()} is not dense"
+    if name == "_foreach_norm" and norm_ord not in (1, 2, float("inf")):
+        return False, f"a norm of order {norm_ord}"
     if not lists[0][0].is_floating_point():
         if name.rstrip("_") + "_" in _FOREACH_INT_PROMOTE or name in _FOREACH_INT_PROMOTE:
             return False, f"{name} promotes the integer tensors to float"
@@ -136,6 +155,7 @@ class OpCounter(TorchDispatchMode):
         self.triton = 0
         self.cuda_launches = 0
         self.syncs: Counter = Counter()
+        self.host_data = 0
         self.foreach: list[dict] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -145,16 +165,30 @@ class OpCounter(TorchDispatchMode):
         if name.startswith("_foreach_"):
             lists = [a for a in list(args) + list(kwargs.values())
                      if isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) for t in a)]
-            scalars = [a for a in list(args) + list(kwargs.values()) if isinstance(a, (int, float)) and not isinstance(a, bool)]
-            fast, why = foreach_route(name, lists, scalars)
+            plain = list(args) + list(kwargs.values())
+            scalars = [a for a in plain if isinstance(a, (int, float)) and not isinstance(a, bool)]
+            scalars += [v for a in plain if isinstance(a, (list, tuple)) for v in a
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)]  # scalar lists
+            norm_ord = args[1] if name == "_foreach_norm" and len(args) > 1 else kwargs.get("ord", 2)
+            fast, why = foreach_route(name, lists, scalars, norm_ord)
             n = len(lists[0]) if lists else 0
-            depth = len(lists) + (0 if func._schema.is_mutable or name == "_foreach_norm" else 1)
-            launches = (_mta_launches(lists[0], depth) + (1 if name == "_foreach_norm" else 0)) if fast else n
+            reduction = name in ("_foreach_norm", "_foreach_max")  # outputs are not a list the kernel sweeps
+            depth = len(lists) + (0 if func._schema.is_mutable or reduction else 1)
+            if not fast:
+                launches = n
+            elif name == "_foreach_norm":
+                launches = _norm_launches(lists[0])
+            else:
+                launches = _mta_launches(lists[0], depth)
             self.cuda_launches += launches
             self.foreach.append({"op": name, "tensors": n, "fast": fast, "why": why, "launches": launches,
                                  "lists": [sorted({f"{t.dtype}@{t.device.type}" for t in lst}) for lst in lists]})
-        elif name in HOST_SYNC_OPS or (name == "index" and _bool_index(args)):
-            self.syncs[name if name != "index" else "index (boolean mask)"] += 1
+        elif name in HOST_SYNC_OPS or (name in ("index", "index_put_", "index_put") and _bool_index(args)):
+            self.syncs[name if not name.startswith("index") else f"{name} (boolean mask)"] += 1
+        elif name in ("lift_fresh", "lift_fresh_copy"):
+            # torch.tensor(data): on CUDA a host-to-device copy, a sync unless it is pinned and non_blocking
+            # (as the multi-tensor pointer tables are); counted apart, under test, so a new one is seen
+            self.host_data += 1
         elif not (name in _NO_LAUNCH or _is_view(func)):
             self.cuda_launches += 1
         return func(*args, **kwargs)
@@ -254,6 +288,15 @@ def cuda_shaped_syncbn(counter: OpCounter):
     from vssl_fast import syncbn
 
     saved = {name: syncbn.CpuOps.__dict__[name] for name in SYNCBN_FUSED}
+    gather = syncbn._all_gather
+
+    def nccl_gather(t, group, world):  # a NCCL rank: one all_gather_into_tensor into a flat buffer, no stack
+        counter.ops["_allgather_base_"] += 1
+        counter.cuda_launches += 1
+        with _disable_current_modes():
+            return gather(t, group, world)
+
+    syncbn._all_gather = nccl_gather
 
     def fused(name, fn):
         def run(*a):
@@ -270,6 +313,7 @@ def cuda_shaped_syncbn(counter: OpCounter):
     finally:
         for name, fn in saved.items():
             setattr(syncbn.CpuOps, name, fn)
+        syncbn._all_gather = gather
 
 
 def count_step(device, channels_last=True, timed=False, graph: str = "off", ddp: bool = False) -> dict:
@@ -281,7 +325,10 @@ def count_step(device, channels_last=True, timed=False, graph: str = "off", ddp:
     step, batch = _tiny_step(device, channels_last, graph, ddp)
     step.schedule(10, 100)
     with OpCounter().counting(dispatch=False):
-        step(*batch)  # first step: optimizer state, pointer tables
+        # first step: optimizer state, pointer tables; DDP: its own warm-up (buckets rebuilt after the first
+        # iteration, timing statistics up to the tenth), so the count is of the iteration a capture records
+        for _ in range(11 if ddp else 1):
+            step(*batch)
     c = OpCounter()
     with c.counting(), (cuda_shaped_syncbn(c) if ddp and device.type != "cuda" else contextlib.nullcontext()):
         step(*batch)
@@ -297,7 +344,7 @@ def count_step(device, channels_last=True, timed=False, graph: str = "off", ddp:
             "top_ops": dict(c.ops.most_common(12)), "optimizer": type(step.opt).__name__,
             "foreach": [{k: f[k] for k in ("op", "tensors", "fast", "launches", "lists")} for f in c.foreach],
             "mixed_foreach": c.mixed_foreach(), "slow_foreach": [f for f in c.foreach if not f["fast"]],
-            "syncs": dict(c.syncs)}
+            "syncs": dict(c.syncs), "host_data": c.host_data}
 
 
 def count_loader(device, chunk: int = 16) -> dict:

@@ -62,7 +62,15 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 
 def device_int_tensor(values, device, dtype=torch.int64) -> torch.Tensor:
-    """A small host list on the device without a stream sync (pinned + non_blocking on CUDA)."""
+    """A small host list on the device without a stream sync (pinned + non_blocking on CUDA).
+
+    Never inside a CUDA-graph capture: the graph would replay the copy from a temporary pinned buffer
+    that is freed and reused after this call. Plans and pointer tables are built in the eager warm-up
+    steps; one built during a capture means the warm-up did not reach the steady state."""
+    if capturing(device):
+        raise RuntimeError("a fused kernel built its pointer tables inside a CUDA-graph capture (its plan missed "
+                           "the cache: a tensor moved, or more plans than the cache keeps); the graph would replay a "
+                           "copy from freed host memory. Capture only after warm-up steps that run the same step")
     t = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)

@@ -29,10 +29,10 @@ error. The plans the fused kernels use inside the capture live as long as the gr
 outlives the step), and loading optimizer state into a captured step re-captures it.
 
 Skips: ``skipped`` and ``consecutive`` are device counters. ``train.max_consecutive_skips`` is
-checked without a host sync per step: after each step the consecutive count is copied
-asynchronously into a pinned host slot (``CounterReader``) and read once its copy has landed, at
-most ``CounterReader.DEPTH - 1`` steps later (then the host waits for it), and at once before a
-checkpoint. The stop names the step where the limit was reached.
+checked without stalling the device's queue: after each step the consecutive count is copied
+asynchronously into a pinned host slot (``CounterReader``) and read ``CounterReader.DEPTH - 1``
+steps later, on every device and rank alike (so every rank stops at the same step), and at once
+before a checkpoint. The stop names the step where the limit was reached.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import re
+import time
 import weakref
 
 import torch
@@ -118,57 +119,61 @@ class Schedule:
         return self.now[-1]
 
 
+def wait_for(query, timeout_s: float, what: str, clock=time.monotonic, pause=lambda: time.sleep(1e-4)) -> None:
+    """Wait until ``query()`` is true, at most ``timeout_s``; then a DistributedError (exit 8). A captured
+    NCCL collective that hangs is watched by nothing (captured work is not queued for NCCL's watchdog, and
+    its async error handling is off for a capture), so this is what turns such a hang into an error."""
+    deadline = clock() + timeout_s
+    while not query():
+        if clock() > deadline:
+            raise faults.DistributedError(f"{what} did not complete within dist.timeout_s={timeout_s:g} s: a collective "
+                                          "in the step is stuck (a lost or stalled peer rank); check the other ranks' "
+                                          "logs, then --resume auto")
+        pause()
+
+
 class CounterReader:
-    """Reads a device counter after every step without waiting for the device: each value is copied
-    asynchronously into one of ``DEPTH`` pinned host slots and read once its copy has landed
-    (``ready``), or waited for when its slot is needed again, so a value is seen at most ``DEPTH - 1``
-    steps after its step (CPU: at once). ``drain()`` waits for every pending value."""
+    """Reads a device counter after every step without stalling the device's queue: each value is copied
+    asynchronously into one of ``DEPTH`` pinned host slots, and the value of step ``s`` is read at the
+    push of step ``s + DEPTH - 1``, waiting for its copy if it has not landed. The lag is the same on
+    every device and every rank (never "whichever copies happen to have landed"), so all ranks act on a
+    count at the same step. ``drain()`` reads every pending value (before a checkpoint)."""
 
     DEPTH = 4
 
-    def __init__(self, device: torch.device, depth: int = DEPTH):
+    def __init__(self, device: torch.device, depth: int = DEPTH, timeout_s: float = 1800.0):
         self.cuda = device.type == "cuda"
-        self.depth = depth
+        self.depth, self.timeout_s = depth, timeout_s
         self.host = torch.zeros(depth, dtype=torch.int64, pin_memory=self.cuda)
         self.events = [torch.cuda.Event() if self.cuda else None for _ in range(depth)]
         self.pending: collections.deque = collections.deque()  # (slot, step), oldest first
         self.next_slot = 0
 
-    def ready(self, slot: int) -> bool:
-        """Has the copy into ``slot`` landed? (never waits)"""
-        return self.events[slot].query() if self.cuda else True
-
     def wait(self, slot: int) -> None:
         if self.cuda:
-            self.events[slot].synchronize()
+            wait_for(self.events[slot].query, self.timeout_s, f"the step's skip count (slot {slot})")
 
     def push(self, counter: torch.Tensor, step: int) -> list[tuple[int, int]]:
-        """Queue the read of ``counter`` after ``step``; returns the (step, value) pairs now seen."""
+        """Queue the read of ``counter`` after ``step``; returns [(step - DEPTH + 1, its value)] once the
+        pipeline is full, else []."""
         slot = self.next_slot  # free: at most depth - 1 slots stay in flight between pushes
         self.next_slot = (slot + 1) % self.depth
         self.host[slot].copy_(counter.reshape(()), non_blocking=self.cuda)
         if self.cuda:
             self.events[slot].record()
         self.pending.append((slot, step))
-        # every slot in flight: wait for the oldest, so no value arrives more than depth - 1 steps late
-        return self.poll(wait_for=max(0, len(self.pending) - (self.depth - 1)))
+        return self._read(max(0, len(self.pending) - (self.depth - 1)))
 
-    def poll(self, wait_for: int = 0) -> list[tuple[int, int]]:
-        """The values whose copies have landed, in step order, waiting for the oldest ``wait_for``."""
+    def _read(self, n: int) -> list[tuple[int, int]]:
         out = []
-        while self.pending:
-            slot, step = self.pending[0]
-            if wait_for > 0:
-                self.wait(slot)
-                wait_for -= 1
-            elif not self.ready(slot):
-                break
-            self.pending.popleft()
+        for _ in range(n):
+            slot, step = self.pending.popleft()
+            self.wait(slot)
             out.append((step, int(self.host[slot])))
         return out
 
     def drain(self) -> list[tuple[int, int]]:
-        return self.poll(wait_for=len(self.pending))
+        return self._read(len(self.pending))
 
 
 class CudaGraphs:
@@ -184,11 +189,15 @@ class CudaGraphs:
 
     @contextlib.contextmanager
     def on_side_stream(self):
+        """Work on the side stream, ordered after what the current stream has queued and before what it
+        queues next (both directions: torch's whole-network capture example)."""
         cur = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(cur)
-        with torch.cuda.stream(self.stream):
-            yield
-        cur.wait_stream(self.stream)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            cur.wait_stream(self.stream)
 
     def warmup(self, fn):
         with self.on_side_stream():
@@ -210,7 +219,7 @@ class TrainStep:
 
     def __init__(self, model, forward, opt, method_cfg, optim_cfg, device, amp_dtype=None, scaler=None,
                  distributed: bool = False, seed: int = 0, rank: int = 0, ema_impl: str = "auto", graph: str = "off",
-                 graphs=None, warmup: int | None = None):
+                 graphs=None, warmup: int | None = None, timeout_s: float = 1800.0):
         if graph not in ("off", "static", "on"):
             raise ValueError(f"TrainStep: graph must be 'off', 'static' or 'on', got {graph!r}")
         # the schedule on the device: a fused optimizer whose kernels run here reads its LR from memory
@@ -251,7 +260,7 @@ class TrainStep:
                          for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
         self.bn_backup = [torch.empty_like(b) for b in self.bn_stats]
         self._bn_groups = by_dtype(self.bn_backup, self.bn_stats)  # fp32 statistics, int64 counters
-        self.skip_reader = CounterReader(device)
+        self.skip_reader = CounterReader(device, timeout_s=timeout_s)
         # optimizer state loaded after a capture would leave the graph updating the old buffers: re-capture
         me = weakref.ref(self)  # the optimizer must not keep a released step alive
         opt.register_load_state_dict_post_hook(lambda _opt: me() is not None and me().release_graph())
@@ -322,8 +331,8 @@ class TrainStep:
         return parts
 
     def consecutive_seen(self, drain: bool = False) -> list[tuple[int, int]]:
-        """(step, consecutive skips after it) for the steps whose counts the host can read now
-        without waiting (``drain``: all of them, waiting). Called by the trainer after each step."""
+        """(step, consecutive skips after it): the count of the step ``CounterReader.DEPTH - 1`` steps
+        back, once there is one (``drain``: every pending one). Called by the trainer after each step."""
         if drain:
             return self.skip_reader.drain()
         return self.skip_reader.push(self.consecutive, self.step)

@@ -134,7 +134,7 @@ def _layout(x: torch.Tensor) -> torch.Tensor:
 
 def _all_gather(t: torch.Tensor, group, world: int) -> torch.Tensor:
     """[world, n] from each rank's [n] (NCCL: one all_gather_into_tensor; gloo: the list form)."""
-    if dist.get_backend(group) == "nccl":
+    if dist.get_backend(group) != "gloo":  # as torch's SyncBatchNorm: every backend but gloo has the flat form
         out = torch.empty(world * t.numel(), dtype=t.dtype, device=t.device)
         dist.all_gather_into_tensor(out, t, group=group)
         return out.view(world, t.numel())
@@ -186,6 +186,11 @@ class SyncBatchNorm(_BatchNorm):
         if momentum is None:
             raise ValueError("SyncBatchNorm: momentum=None (a cumulative average) reads the batch count on the host "
                              "every step; give a float momentum")
+        if not track_running_stats:
+            # batch_norm_gather_stats_with_counts reads the counts as running_mean's dtype, else the input's:
+            # with no running statistics and bf16 inputs the fp32 counts fail its dtype check (torch's layer too)
+            raise ValueError("SyncBatchNorm: track_running_stats=False is not supported (the fused CUDA kernel "
+                             "then reads the counts as the input's dtype)")
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.process_group = process_group
 

@@ -59,6 +59,24 @@ DDP_GRAPH_WARMUP = 11  # DDP-enabled eager steps before a capture (torch's CUDA-
 NCCL_FOR_CAPTURE = (2, 9, 6)  # the first NCCL whose collectives a full-step capture may contain (torch's notes)
 
 
+def capture_wanted(cfg) -> bool:
+    """Can this run's step be captured under DDP on GPUs, as far as the config and NCCL tell before the
+    process group exists? (Only then is NCCL's async error handling turned off for it.)"""
+    if cfg.train.graph != "on" or not torch.cuda.is_available():
+        return False
+    fp16 = cfg.train.precision == "fp16"
+    return not fp16 and cfg.optim.impl != "reference" and tuple(torch.cuda.nccl.version()) >= NCCL_FOR_CAPTURE
+
+
+def ddp_buffer_sync(on: bool) -> dict:
+    """DDP's buffer broadcast before each forward: ``forward_sync_buffers`` where DDP has it (torch >=
+    2.14 deprecates ``broadcast_buffers``; it keeps the sync at construction), else ``broadcast_buffers``."""
+    import inspect
+
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": on} if "forward_sync_buffers" in params else {"broadcast_buffers": on}
+
+
 def resolve_graph_mode(mode: str, device: torch.device, dist_info, scaler, opt) -> tuple[str, str]:
     """train.graph -> (TrainStep graph mode, why, for the log). 'auto' stays uncaptured until the
     captured step has been measured on a card (bench_step --graph-modes off,on; bench/RESULTS.md).
@@ -101,7 +119,7 @@ class Trainer:
         self.cfg = cfg
         if cfg.log.wandb:
             require_wandb()  # asked for and missing: one line (exit 2) before anything starts
-        self.dist = init_distributed(cfg.dist.timeout_s, capture=cfg.train.graph == "on")
+        self.dist = init_distributed(cfg.dist.timeout_s, capture=capture_wanted(cfg))
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
         self.log = setup_logging(self.dist.rank)  # train.log opens once the start is accepted (fit)
@@ -152,9 +170,9 @@ class Trainer:
         if self.dist.enabled:
             # SyncBatchNorm keeps every BatchNorm buffer equal across ranks (global statistics, same
             # updates), so DDP's broadcast of all buffers before each forward would move equal values
-            with torch.cuda.stream(graphs.stream) if graphs else contextlib.nullcontext():
+            with graphs.on_side_stream() if graphs else contextlib.nullcontext():  # ordered both ways
                 self.ddp = torch.nn.parallel.DistributedDataParallel(
-                    model, device_ids=[self.dist.local_rank] if cuda else None, broadcast_buffers=not sync_bn)
+                    model, device_ids=[self.dist.local_rank] if cuda else None, **ddp_buffer_sync(not sync_bn))
         self.forward = self.ddp
         mode = resolve_compile_mode(cfg.train.compile, self.device, cfg.data.crop_size)
         if mode != "none":
@@ -164,7 +182,8 @@ class Trainer:
             self.log.info("compile: %s", auto_settings.why("train.compile"))
         self.stepper = TrainStep(model, self.forward, self.opt, cfg.method, cfg.optim, self.device, self.amp_dtype,
                                  self.scaler, self.dist.enabled, cfg.train.seed, self.dist.rank, graph=graph,
-                                 graphs=graphs, warmup=DDP_GRAPH_WARMUP if self.dist.enabled else None)
+                                 graphs=graphs, warmup=DDP_GRAPH_WARMUP if self.dist.enabled else None,
+                                 timeout_s=cfg.dist.timeout_s)
         self.history: list[dict] = []
         self.monitor = Monitor(self.run_dir, self.dist.is_main, cfg.log.tensorboard, cfg.log.progress,
                                cfg.log.wandb_project if cfg.log.wandb else None, cfg.to_dict())
@@ -327,7 +346,7 @@ class Trainer:
                 if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
                     self._log_step(parts, epoch, t_log, n_log, wait_log, views_per_step, t_start)
                     t_log, n_log, wait_log = time.time(), 0, 0.0
-                self._check_skips(self.stepper.consecutive_seen())  # no wait: the counts that have landed
+                self._check_skips(self.stepper.consecutive_seen())  # the count of DEPTH - 1 steps back
                 if self.step % cfg.ckpt.every_steps == 0:
                     self.save()
                 self._stop_if_requested()
@@ -374,9 +393,9 @@ class Trainer:
         self.monitor.step_line(self.log, self.step, self.total_steps, msg)  # train.log always; the bar on a terminal
 
     def _check_skips(self, seen: list[tuple[int, int]]) -> None:
-        """Stop at the first step whose run of consecutive skipped steps reached the limit. The counts
-        arrive without a host wait, at most a few steps late on a GPU (``vssl_fast.step.CounterReader``);
-        the message names the step where the limit was reached. Every rank sees the same counts."""
+        """Stop at the first step whose run of consecutive skipped steps reached the limit. Each count
+        arrives CounterReader.DEPTH - 1 steps after its step, on every rank alike (``vssl_fast.step``),
+        so all ranks stop together; the message names the step where the limit was reached."""
         limit = self.cfg.train.max_consecutive_skips
         hit = next(((st, c) for st, c in seen if c >= limit), None)
         if hit is None:

@@ -27,7 +27,7 @@ def main(argv):
         orig = torch.nn.parallel.DistributedDataParallel.__init__
 
         def init(self, *a, **k):
-            k["broadcast_buffers"] = True
+            k["forward_sync_buffers" if "forward_sync_buffers" in k else "broadcast_buffers"] = True
             orig(self, *a, **k)
 
         torch.nn.parallel.DistributedDataParallel.__init__ = init

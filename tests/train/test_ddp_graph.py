@@ -3,6 +3,7 @@ CUDA graph captures under DDP on GPUs) equals the eager DDP step bit for bit, a 
 resume included; DDP's buffer broadcast, redundant under SyncBatchNorm, is off and changes nothing;
 the graph-mode conditions of torch's CUDA-graph recipe are checked and named."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -93,3 +94,61 @@ def test_capture_under_ddp_turns_nccl_async_error_handling_off_unless_set(preset
     info = d.init_distributed(60, capture=True)
     assert seen["backend"] == "nccl" and seen["env"] == (preset or "0")
     assert info.async_error_handling == (preset or "0")
+
+
+@pytest.mark.gpu
+def test_captured_ddp_step_on_one_nccl_rank_matches_the_eager_one():
+    """What one GPU can show of a captured DDP step: DDP built on the capture stream, 11 DDP warm-up
+    steps, NCCL collectives (DDP's gradient all-reduce, the skip flag's) inside the graph, replays
+    against the eager DDP step, a skip included."""
+    import copy
+    import socket
+
+    import torch.distributed as dist
+    from helpers import tiny_model
+    from vssl_fast.kernels import FusedLARS
+
+    from vssl_fast.config import OptimConfig
+    from vssl_fast.method import MethodConfig
+    from vssl_fast.step import CudaGraphs, TrainStep
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCH_NCCL_ASYNC_ERROR_HANDLING="0")
+    dev = torch.device("cuda", 0)
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=dev)
+    try:
+        torch.manual_seed(0)
+        cfg = MethodConfig(proj_output_dim=4)
+        base = tiny_model(cfg).to(dev).to(memory_format=torch.channels_last)
+
+        def stepper(graph):
+            model = copy.deepcopy(base)
+            opt = FusedLARS(model.parameter_groups(0.3, 1e-5, 0.1), lr=0.3, weight_decay=1e-5)
+            graphs = CudaGraphs(dev) if graph == "on" else None
+            with graphs.on_side_stream() if graphs else contextlib.nullcontext():
+                ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0], **trainer.ddp_buffer_sync(False))
+            return TrainStep(model, ddp, opt, cfg, OptimConfig(), dev, distributed=True, graph=graph, graphs=graphs,
+                             warmup=trainer.DDP_GRAPH_WARMUP)
+
+        g = torch.Generator().manual_seed(3)
+        batches = []
+        for k in range(16):
+            x1, x2 = torch.rand(6, 3, 8, 8, generator=g), torch.rand(6, 3, 8, 8, generator=g)
+            if k == 13:
+                x1 = x1 * float("nan")
+            batches.append([t.to(dev).contiguous(memory_format=torch.channels_last) for t in (x1, x2)]
+                           + [torch.randint(0, 3, (6,), generator=g).to(dev)])
+        eager, graph = stepper("off"), stepper("on")
+        for st in (eager, graph):
+            st.schedule(4, 40)
+        for b in batches:
+            pe, pg = eager(*b), graph(*b)
+            for k in pe:
+                torch.testing.assert_close(pg[k], pe[k], rtol=1e-5, atol=1e-6, equal_nan=True)
+        assert graph._captured is not None and int(graph.skipped) == int(eager.skipped) == 1
+        for a, b in zip(eager.model.state_dict().values(), graph.model.state_dict().values()):
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5, equal_nan=True)
+    finally:
+        dist.destroy_process_group()

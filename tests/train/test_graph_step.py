@@ -115,7 +115,7 @@ def test_cuda_graph_step_matches_the_eager_step():
     batches = _batches(8, dev, nan_at=5)
     eager, graph = _stepper(base, "off", dev), _stepper(base, "on", dev)
     le, lg = _run(eager, batches), _run(graph, batches)
-    assert graph._graph is not None, "the step was never captured"
+    assert graph._captured is not None, "the step was never captured"
     for a, b in zip(le, lg):
         for x, y in zip(a.values(), b.values()):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -298,3 +298,31 @@ def test_reduce_overhead_with_graph_on_is_a_config_error():
     with pytest.raises(ConfigError, match=r"train.graph=on with train.compile=reduce-overhead"):
         load_config(["--preset", "smoke", "--train.graph=on", "--train.compile=reduce-overhead"])
     load_config(["--preset", "smoke", "--train.graph=on", "--train.compile=default"])  # allowed
+
+
+def test_pointer_tables_are_never_built_inside_a_capture(monkeypatch):
+    """A plan built during a capture would make the graph replay a copy from a freed pinned buffer."""
+    from vssl_fast.kernels import _multi_tensor
+
+    monkeypatch.setattr(_multi_tensor, "capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="pointer tables inside a CUDA-graph capture"):
+        _multi_tensor.device_int_tensor([1, 2], torch.device("cpu"))
+
+
+def test_the_side_stream_waits_back_even_when_the_work_fails(monkeypatch):
+    from vssl_fast.step import CudaGraphs
+
+    waits = []
+
+    class Stream:
+        def wait_stream(self, other):
+            waits.append((self, other))
+
+    cur = Stream()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: cur)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    g = CudaGraphs(torch.device("cuda", 0))
+    with pytest.raises(ZeroDivisionError):
+        g.warmup(lambda: 1 / 0)
+    assert waits == [(g.stream, cur), (cur, g.stream)]
