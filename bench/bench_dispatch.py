@@ -31,6 +31,7 @@ from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from vssl_fast.kernels._multi_tensor import is_dense
 
 # ops that launch nothing on a CUDA device: views (outputs alias an input) and bare allocations
 _NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view",
@@ -51,16 +52,6 @@ _FOREACH_MIXED_DST = {"_foreach_copy_"}
 _FOREACH_INT_PROMOTE = {"_foreach_div", "_foreach_div_", "_foreach_sqrt", "_foreach_sqrt_", "_foreach_exp", "_foreach_exp_",
                         "_foreach_log", "_foreach_log_", "_foreach_norm", "_foreach_lerp", "_foreach_lerp_",
                         "_foreach_addcdiv", "_foreach_addcdiv_", "_foreach_reciprocal", "_foreach_reciprocal_"}
-
-
-def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
-    """Every element once, no gaps: the strides, sorted, are the running products of the sizes."""
-    expect = 1
-    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expect:
-            return False
-        expect *= size
-    return True
 
 
 def _is_view(func) -> bool:
@@ -129,7 +120,7 @@ def foreach_route(name: str, lists: list[list], scalars=(), norm_ord=2) -> tuple
             if not _same_layout(a, b):
                 return False, f"sizes/strides differ across lists ({tuple(a.shape)}{a.stride()} vs {tuple(b.shape)}{b.stride()})"
     for t in first:
-        if not is_non_overlapping_and_dense(t):
+        if not is_dense(t):  # non-overlapping and dense in some dimension order
             return False, f"a tensor of shape {tuple(t.shape)} strides {t.stride()} is not dense"
     if name == "_foreach_norm" and norm_ord not in (1, 2, float("inf")):
         return False, f"a norm of order {norm_ord}"
@@ -368,18 +359,13 @@ def count_loader(device, chunk: int = 16) -> dict:
             "host_ms": (time.perf_counter() - t0) * 1e3 / chunk, "top_ops": dict(c.ops.most_common(12))}
 
 
-def count_optimizers(device, tiny: bool = False, reps: int = 30) -> dict:
-    """Per call of each multi-tensor kernel family over the ImageNet-100 model's parameters (86
-    tensors, 28.1M elements; ``tiny``: a handful): ATen ops, Triton launches and host microseconds
-    with the launches counted, not run (the Python around the kernels: plans, checks, tables).
-    Needs a device where the Triton path runs (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+def optimizer_calls(device, tiny: bool = False) -> dict:
+    """name -> (one call, tensors it sweeps): FusedLAMB/FusedLARS steps, the EMA and the restore over the
+    ImageNet-100 model's parameters (``tiny``: a handful), each on fresh state."""
     from vssl_fast.kernels import FusedLAMB, FusedLARS, ema_update_, restore_where_
-    from vssl_fast.kernels._common import triton_available
 
     from bench.common import model_param_set
 
-    if not triton_available(device):
-        return {}
     _, t, s, groups = model_param_set(device, tiny)
 
     def fresh():
@@ -389,9 +375,22 @@ def count_optimizers(device, tiny: bool = False, reps: int = 30) -> dict:
     tau = torch.tensor(0.99, device=device)
     lamb, lars = FusedLAMB(fresh(), lr=1e-3, weight_decay=1e-5), FusedLARS(fresh(), lr=0.3, weight_decay=1e-5)
     n_opt = sum(len(g["params"]) for g in groups)
-    cases = {"FusedLAMB.step": (lambda: lamb.step(skip=flag), n_opt), "FusedLARS.step": (lambda: lars.step(skip=flag), n_opt),
-             "ema_update_": (lambda: ema_update_(t, s, tau), len(t)),
-             "restore_where_": (lambda: restore_where_(t, s, flag), len(t))}
+    return {"FusedLAMB.step": (lambda: lamb.step(skip=flag), n_opt),
+            "FusedLARS.step": (lambda: lars.step(skip=flag), n_opt),
+            "ema_update_": (lambda: ema_update_(t, s, tau), len(t)),
+            "restore_where_": (lambda: restore_where_(t, s, flag), len(t))}
+
+
+def count_optimizers(device, tiny: bool = False, reps: int = 30) -> dict:
+    """Per call of each multi-tensor kernel family over the ImageNet-100 model's parameters (86
+    tensors, 28.1M elements; ``tiny``: a handful): ATen ops, Triton launches and host microseconds
+    with the launches counted, not run (the Python around the kernels: plans, checks, tables).
+    Needs a device where the Triton path runs (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    from vssl_fast.kernels._common import triton_available
+
+    if not triton_available(device):
+        return {}
+    cases = optimizer_calls(device, tiny)
     out = {}
     for name, (fn, n_tensors) in cases.items():
         with OpCounter().counting(dispatch=False):

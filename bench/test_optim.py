@@ -12,32 +12,18 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 
 from bench.bench_dispatch import OpCounter
-from bench.common import bench_device, first_call_s, model_param_set, peak_bandwidth_gbps
+from bench.common import bench_device, first_call_s, peak_bandwidth_gbps
 from bench.conftest import GPU_ONLY, SMOKE
 from bench.timing import KERNEL
 
 
 @functools.lru_cache(maxsize=1)
 def _host_calls():
-    from vssl_fast.kernels import FusedLAMB, FusedLARS, ema_update_, restore_where_
+    from bench.bench_dispatch import optimizer_calls
 
-    device = bench_device()
-    _, t, s, groups = model_param_set(device)
-
-    def fresh():
-        return [{k: (list(v) if k == "params" else v) for k, v in g.items()} for g in groups]
-
-    flag = torch.zeros(1, dtype=torch.int32, device=device)
-    tau = torch.tensor(0.99, device=device)
-    lamb, lars = FusedLAMB(fresh(), lr=1e-3, weight_decay=1e-5), FusedLARS(fresh(), lr=0.3, weight_decay=1e-5)
-    n_opt = sum(len(g["params"]) for g in groups)
-    return {"FusedLAMB.step": (lambda: lamb.step(skip=flag), n_opt),
-            "FusedLARS.step": (lambda: lars.step(skip=flag), n_opt),
-            "ema_update_": (lambda: ema_update_(t, s, tau), len(t)),
-            "restore_where_": (lambda: restore_where_(t, s, flag), len(t))}
+    return optimizer_calls(bench_device())
 
 
 @pytest.mark.parametrize("call", ["FusedLAMB.step", "FusedLARS.step", "ema_update_", "restore_where_"])
