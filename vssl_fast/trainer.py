@@ -124,12 +124,17 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.log = setup_logging(self.dist.rank)  # train.log opens once the start is accepted (fit)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        # the run dir is this process's (rank 0 holds its lock) or every rank raises: before anything slow
-        self.claim = rundir.claim(self.run_dir, cfg.resume, self.dist)
+        try:
+            # the run dir is this process's (rank 0 holds its lock) or every rank raises: before anything slow
+            self.claim = rundir.claim(self.run_dir, cfg.resume, self.dist)
+        except BaseException:
+            cleanup()  # leave the process group before exiting (a peer's exit could otherwise abort this process)
+            raise
         try:
             self._build()
         except BaseException:
             self.claim.release()  # a start that failed here leaves the run dir as it was
+            cleanup()
             raise
 
     def _build(self) -> None:

@@ -73,7 +73,8 @@ def _huge_header_jpeg(path, h=14000, w=14000):
 
 def test_an_image_too_large_to_open_is_a_bad_file_and_scan_lists_it(tree, tmp_path, capsys, caplog):
     """A 14000x14000 JPEG in a training folder crashed both loaders and `scan` with PIL's DecompressionBombError
-    (exit 1). It is a bad file now: counted, one log line; `scan` lists it and exits 1 without a traceback."""
+    (exit 1). It is a bad file now: counted, one log line; `scan` lists it and exits 4 without a traceback."""
+    from vssl_fast import faults
     from vssl_fast.data.__main__ import main
 
     _huge_header_jpeg(tree / "train" / "cat" / "zz_huge.jpg")
@@ -83,7 +84,7 @@ def test_an_image_too_large_to_open_is_a_bad_file_and_scan_lists_it(tree, tmp_pa
     assert len(s) == 160 and len(bad) == 1
     (why,) = [w for _, w in bad.files.values()]
     assert why.startswith("too large") and caplog.text.count("zz_huge.jpg") == 1
-    assert main(["scan", str(tree / "train")]) == 1
+    assert faults.run(main, ["scan", str(tree / "train")]) == 4  # the data exit code, one line
     out, err = capsys.readouterr()
     assert "zz_huge.jpg" in out and out.startswith("too large") and "Traceback" not in err
     assert "1 bad files" in err
