@@ -102,9 +102,17 @@ class Batches:
 def time_loader(make, reps: Reps, clock=None) -> tuple[Timing, int, int]:
     """(per-batch timing, images per batch, child processes left after closing) of the loader ``make()``
     builds. Warm-up batches (pipeline build, workers starting, first decodes, the prefetch queue
-    filling) are counted apart; the figure is the median batch, so a queue that was full when the
-    timing started (up to its depth of nearly free batches) does not inflate it."""
-    b = Batches(make())
+    filling) are counted apart: at least one whole epoch of a loader that says its length. The timed
+    batches then span at least two whole epochs, and the rate is images over the timed wall time (the
+    mean batch, ``rate_row``): a multi-worker loader delivers in bursts (one long wait, then a batch
+    from every worker at once), so its median batch would measure the queue, not the production, and
+    epoch ends (workers restarted) belong to the cost."""
+    loader = make()
+    spe = len(loader) if hasattr(loader, "__len__") else 0
+    if spe:
+        reps = Reps(warmup=max(reps.warmup, spe), min_reps=max(reps.min_reps, 2 * spe), min_time_s=reps.min_time_s,
+                    max_reps=max(reps.max_reps, 2 * spe))
+    b = Batches(loader)
     size = []
 
     def one():
@@ -119,8 +127,10 @@ def time_loader(make, reps: Reps, clock=None) -> tuple[Timing, int, int]:
 
 
 def rate_row(t: Timing, batch: int) -> dict:
-    """Images per second from the median batch (and from the mean, for comparison with a plain loop)."""
-    return dict(img_per_s=batch / (t.ms * 1e-3), img_per_s_mean=batch / (t.mean_ms * 1e-3), batch_p20_ms=t.p20,
+    """Images per second over the timed wall time (the mean batch: see ``time_loader``), and from the
+    median batch beside it (far above the mean when a loader delivers in bursts)."""
+    return dict(img_per_s=batch / (t.mean_ms * 1e-3), img_per_s_median=batch / (t.ms * 1e-3) if t.ms > 0 else None,
+                batch_p20_ms=t.p20,
                 batch_p80_ms=t.p80, batches=t.samples, warmup_batches=t.warmup, timed_s=t.timed_s, timer=t.timer)
 
 

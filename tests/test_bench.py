@@ -39,7 +39,9 @@ def test_bench_data_tiny(tmp_path, capsys):
     paths = {r["path"]: r for r in rows}
     assert paths["cifar_device"]["img_per_s"] > 0 and paths["torchvision_cpu_baseline"]["img_per_s"] > 0
     timed = [r for r in rows if r.get("img_per_s")]
-    assert all((r["batches"], r["warmup_batches"]) == (3, 1) and r["children_left"] == 0 for r in timed)
+    # warm-up: the tiny count (1) or a whole epoch of a loader that has a length; then >= 2 epochs timed
+    assert all(r["warmup_batches"] >= 1 and r["batches"] >= max(3, 2 * r["warmup_batches"]) and r["children_left"] == 0
+               for r in timed), [(r["path"], r["batches"], r["warmup_batches"]) for r in timed]
     assert multiprocessing.active_children() == []  # every path's workers were shut down
     sizes = [p.stat().st_size for p in (tmp_path / "j" / "train").rglob("*.jpg")]
     assert len(sizes) == 32 and 40_000 < sum(sizes) / len(sizes) < 120_000  # photo-like 500x375 JPEGs

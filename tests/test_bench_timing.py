@@ -161,6 +161,30 @@ def test_the_loader_timing_counts_batches_across_epochs_and_closes_the_loader():
     assert events.count("iter") == 7 and events[-2:] == ["iterator closed", "loader closed"] and left == 0
 
 
+def test_a_bursty_loader_is_rated_by_wall_time_over_whole_epochs():
+    """16 workers deliver 16 batches in a burst per epoch: one 1.6 s wait, then 15 free batches. The rate is
+    images over wall time (10 img/s here: 16 x 1 image per 1.6 s), not the median batch (a free one);
+    warm-up is a whole epoch and the timed batches span at least two."""
+    from bench.bench_data import rate_row, time_loader
+
+    clock = FakeClock()
+
+    class Loader:
+        def __len__(self):
+            return 16
+
+        def __iter__(self):
+            for i in range(16):
+                # every worker decodes at once, then the queue holds 16 batches, taken in a microsecond each
+                clock.t += 1.6 if i == 0 else 1e-6
+                yield (_Batch(1), None, None)
+
+    t, batch, _ = time_loader(Loader, Reps(warmup=2, min_reps=4, min_time_s=0.0), clock=clock)
+    assert t.warmup == 16 and t.samples >= 32
+    row = rate_row(t, batch)
+    assert row["img_per_s"] == pytest.approx(10.0, rel=0.05) and row["img_per_s_median"] > 1000
+
+
 class _Batch:
     def __init__(self, n):
         self.shape = (n,)

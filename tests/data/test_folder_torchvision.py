@@ -159,7 +159,7 @@ def test_cmyk_and_png_named_jpeg_are_decoded_on_the_cpu_when_nvjpeg_cannot(tmp_p
     refuse them as nvJPEG does. Both come out as PIL decodes them, no file is counted bad, batches are full."""
     import torchvision.io
 
-    from vssl_fast.data.folder_torchvision import decode_on_cpu, jpeg_components
+    from vssl_fast.data.folder_torchvision import decode_on_cpu, nvjpeg_decodable
 
     real = torchvision.io.decode_jpeg
     asked = []
@@ -167,7 +167,7 @@ def test_cmyk_and_png_named_jpeg_are_decoded_on_the_cpu_when_nvjpeg_cannot(tmp_p
     def nvjpeg_like(data, device=None, mode=None):
         datas = data if isinstance(data, list) else [data]
         asked.extend(len(d) for d in datas)
-        if any(jpeg_components(bytes(d.numpy())) not in (1, 3) for d in datas):
+        if not all(nvjpeg_decodable(bytes(d.numpy())) for d in datas):
             raise RuntimeError("nvjpegDecodeBatched: NVJPEG_STATUS_JPEG_NOT_SUPPORTED")
         return real(data, device=device, mode=mode)
 
@@ -294,3 +294,25 @@ def test_decode_does_not_corrupt_training_memory(tmp_path):
         ld._decode_batch(datas)
         bad += sum(int(s.item() != (k + 1) * (640 * 480 * 3 // 4)) for k, s in enumerate(sums))
     assert bad == 0
+
+
+def test_only_what_nvjpeg_decodes_goes_to_the_gpu():
+    """8-bit Huffman baseline/progressive frames of 1 or 3 components; lossless, arithmetic-coded and 12-bit
+    frames (and CMYK, PNG) are decoded on the CPU up front instead of failing a batched GPU decode."""
+    import io
+
+    from PIL import Image
+
+    from vssl_fast.data.folder_torchvision import jpeg_frame, nvjpeg_decodable
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, "JPEG")
+    base = buf.getvalue()
+    marker, bits, comps = jpeg_frame(base)
+    assert (marker, bits, comps) == (0xC0, 8, 3) and nvjpeg_decodable(base)
+    at = base.index(bytes([0xFF, 0xC0]))
+    for sof, precision, ok in ((0xC2, 8, True), (0xC3, 8, False), (0xC9, 8, False), (0xC1, 12, False)):
+        b = bytearray(base)
+        b[at + 1], b[at + 4] = sof, precision
+        assert nvjpeg_decodable(bytes(b)) is ok, (hex(sof), precision)
+    assert not nvjpeg_decodable(_cmyk_jpeg()) and not nvjpeg_decodable(_png())

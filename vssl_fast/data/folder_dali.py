@@ -26,6 +26,7 @@ file that DALI still cannot decode stops the run with a line naming ``scan``.
 
 from __future__ import annotations
 
+import collections
 import os
 
 import numpy as np
@@ -254,13 +255,25 @@ def _dali_view(images, spec: ViewSpec, p, out_type, layout: str, taps: list | No
 MIN_PADDING, MAX_PADDING = 16 << 20, 256 << 20  # DALI's default device padding; a cap for trees of huge images
 
 
+def largest_image(sizes) -> tuple[int, int]:
+    """(H, W) of the tree's largest image by area, for the decoder's hints: per-dimension maxima of a tall
+    and a wide outlier would ask for a huge buffer no image needs. Capped where the padding is capped."""
+    if len(sizes) == 0:
+        return 0, 0
+    sizes = np.asarray(sizes, dtype=np.int64)
+    H, W = (int(v) for v in sizes[int(np.argmax(sizes[:, 0] * sizes[:, 1]))])
+    scale = min(1.0, (MAX_PADDING / 3 / max(H * W, 1)) ** 0.5)
+    return int(H * scale), int(W * scale)
+
+
 def decoder_hints(max_hw=(0, 0), hw_decoder_load: float = 0.65) -> dict:
     """The mixed decoder's memory hints from the largest image of the tree (its header size), so that nvJPEG
     never reallocates as larger images arrive (DALI's ResNet-50 example pads for ImageNet's largest with fixed
     figures, 211 MB device and 140 MB host per thread): each thread's buffers fit that image's RGB bytes
     (at least DALI's default 16 MiB, at most 256 MiB), and the hardware decoder preallocates for its size.
     ``jpeg_fancy_upsampling`` makes nvJPEG upsample chroma as libjpeg-turbo does, so that the GPU decode
-    equals the CPU decode (and PIL's) that the tests compare with torchvision."""
+    comes close to the CPU decode (and PIL's) that the tests compare with torchvision (nvJPEG's IDCT may
+    still differ by a level or two: to be measured on a card, ``test_gpu_views_equal_the_cpu_views``)."""
     H, W = (int(v) for v in max_hw)
     pad = min(MAX_PADDING, max(MIN_PADDING, -(-H * W * 3 // (1 << 20)) << 20))
     return dict(hw_decoder_load=float(hw_decoder_load), device_memory_padding=pad, host_memory_padding=pad,
@@ -299,6 +312,41 @@ def make_dali_pipeline(source, specs: tuple[ViewSpec, ViewSpec], batch_size: int
     return pipe()
 
 
+class HeldUntilDone:
+    """DALI's output buffers kept referenced until the device work that reads them has finished.
+
+    With ``exec_dynamic`` the iterator hands out DALI's own buffers (zero copy, through DLPack), and
+    DALI reuses a buffer in its own stream order as soon as its last reference is dropped: PyTorch's
+    caching allocator cannot ``record_stream`` memory it did not allocate, and a DLPack deleter carries
+    no stream. The trainer drops a batch's views on the host when it asks for the next batch, while the
+    previous step's kernels may still be reading them (the host runs steps ahead). So each batch is
+    held here, with an event recorded on the consuming stream when the next batch is asked for, and
+    released once that event has completed (``query``, no wait; the oldest is waited for beyond
+    ``LIMIT`` held batches). On a CPU the consumer has finished when it asks again: nothing is held."""
+
+    LIMIT = 8
+
+    def __init__(self, make_event=None):
+        self.make_event = make_event  # torch.cuda.Event on a GPU; None on a CPU
+        self.held: collections.deque = collections.deque()
+
+    def hold(self, refs) -> None:
+        """``refs`` (the batch just consumed) live until the work queued so far on this stream is done."""
+        if self.make_event is None:
+            return
+        ev = self.make_event()
+        ev.record()
+        self.held.append((ev, refs))
+        while self.held and (self.held[0][0].query() or len(self.held) > self.LIMIT):
+            ev, _ = self.held.popleft()
+            ev.synchronize()  # done already, or the host is too far ahead: wait for the oldest
+
+    def release_all(self) -> None:
+        while self.held:
+            ev, _ = self.held.popleft()
+            ev.synchronize()
+
+
 class DaliTwoViewLoader(PositionalLoader):
     """(view1, view2, labels) from DALI, exactly ``steps_per_epoch`` batches per epoch, with the trainer's
     loader interface (epoch/step state).
@@ -318,8 +366,11 @@ class DaliTwoViewLoader(PositionalLoader):
         self.specs, self.channels_last, self.out_dtype = specs, channels_last, out_dtype
         self.device = resolve_device(device)  # `cuda` without an index is the current device, never the CPU
         self.workers, self.hw_decoder_load = workers, hw_decoder_load
-        self.threads = threads if threads > 0 else max(2, min(8, os.cpu_count() or 2))  # data.dali_threads, 0 = auto
+        # data.dali_threads, 0 = auto: this rank's share of the node's cores (torchrun's LOCAL_WORLD_SIZE ranks)
+        share = (os.cpu_count() or 2) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self.threads = threads if threads > 0 else max(2, min(8, share))
         self.pipe, self.it, self._at = None, None, None  # _at: the position the pipeline yields next
+        self._held = HeldUntilDone(torch.cuda.Event if self.device_id is not None else None)
 
     @property
     def device_id(self) -> int | None:
@@ -338,7 +389,7 @@ class DaliTwoViewLoader(PositionalLoader):
         self.close()
         src = DaliBatchSource(self.samples, self.specs, self.seed, self.rank, self.world, self.batch_size,
                               self.steps_per_epoch, (self.epoch, self.step))
-        max_hw = tuple(int(v) for v in self.samples.sizes.max(0)) if len(self.samples) else (0, 0)
+        max_hw = largest_image(self.samples.sizes)
         self.pipe = make_dali_pipeline(src, self.specs, self.batch_size, self.device_id, num_threads=self.threads,
                                        workers=self.workers, hw_decoder_load=self.hw_decoder_load, max_hw=max_hw,
                                        channels_last=self.channels_last, half=self.out_dtype != torch.float32)
@@ -352,7 +403,8 @@ class DaliTwoViewLoader(PositionalLoader):
         return super()._finish_views(v1, v2, y)
 
     def close(self):
-        """Release the pipeline (and its worker processes)."""
+        """Release the pipeline (and its worker processes), once no queued work reads its buffers."""
+        self._held.release_all()
         self.it, self.pipe, self._at = None, None, None
 
     def _failure(self, e: Exception) -> BadDataError:
@@ -373,21 +425,30 @@ class DaliTwoViewLoader(PositionalLoader):
             self.epoch, self.step = self.epoch + 1, 0
             self._at = (self.epoch, 0) if self.it is not None else None
             return
-        while True:
-            try:
-                if self._at != (self.epoch, self.step):
-                    self._build()  # runs the first batch already
-                b = next(self.it)  # after the epoch's last batch DALI ends the epoch (and resets itself)
-            except StopIteration:
-                break
-            except RuntimeError as e:
-                self.close()
-                if "decode" not in str(e).lower():
-                    raise
-                raise self._failure(e) from e
-            self.step += 1
-            self._at = (self.epoch, self.step)
-            yield self._finish_views(b[0]["v1"], b[0]["v2"], b[0]["y"])
+        last = None  # the batch handed out before: DALI's memory, held until the work reading it is done
+        try:
+            while True:
+                try:
+                    if self._at != (self.epoch, self.step):
+                        self._build()  # runs the first batch already
+                    if last is not None:
+                        self._held.hold(last)
+                        last = None
+                    b = next(self.it)  # after the epoch's last batch DALI ends the epoch (and resets itself)
+                except StopIteration:
+                    break
+                except RuntimeError as e:
+                    self.close()
+                    if "decode" not in str(e).lower():
+                        raise
+                    raise self._failure(e) from e
+                self.step += 1
+                self._at = (self.epoch, self.step)
+                last = b
+                yield self._finish_views(b[0]["v1"], b[0]["v2"], b[0]["y"])
+        finally:  # also when the consumer stops mid-epoch: its last batch may still be read on the device
+            if last is not None:
+                self._held.hold(last)
         if self.step != self.steps_per_epoch:
             raise RuntimeError(f"DALI ended epoch {self.epoch} after {self.step} of {self.steps_per_epoch} batches")
         self.epoch, self.step = self.epoch + 1, 0

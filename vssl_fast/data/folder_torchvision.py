@@ -125,9 +125,9 @@ def _collate_bytes(batch):
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def jpeg_components(data: bytes) -> int | None:
-    """The number of colour components a JPEG's frame header declares (1 grey, 3 YCbCr, 4 CMYK/YCCK), or None
-    when the bytes are no JPEG (a PNG named .JPEG, say) or the header cannot be found."""
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(SOF marker, sample precision in bits, colour components) of a JPEG's frame header, or None when the
+    bytes are no JPEG (a PNG named .JPEG, say) or the header cannot be found."""
     if data[:2] != b"\xff\xd8":
         return None
     i, n = 2, len(data)
@@ -143,11 +143,28 @@ def jpeg_components(data: bytes) -> int | None:
             continue
         length = int.from_bytes(data[i + 2:i + 4], "big")
         if marker in _SOF:
-            return data[i + 9] if i + 9 < n else None
+            return (marker, data[i + 4], data[i + 9]) if i + 9 < n else None
         if marker == 0xDA:  # scan data before any frame header
             return None
         i += 2 + length
     return None
+
+
+def jpeg_components(data: bytes) -> int | None:
+    """The number of colour components a JPEG's frame header declares (1 grey, 3 YCbCr, 4 CMYK/YCCK), or None."""
+    frame = jpeg_frame(data)
+    return frame[2] if frame else None
+
+
+# what nvJPEG decodes: Huffman-coded baseline, extended sequential and progressive frames of 8-bit samples;
+# lossless (SOF3, SOF7, SOF11, SOF15), arithmetic-coded (SOF9-15) and 12-bit JPEGs go to the CPU up front
+# rather than failing a batched GPU decode (which retries every file of the batch one by one)
+_NVJPEG_SOF = {0xC0, 0xC1, 0xC2}
+
+
+def nvjpeg_decodable(data: bytes) -> bool:
+    frame = jpeg_frame(data)
+    return frame is not None and frame[0] in _NVJPEG_SOF and frame[1] == 8 and frame[2] in (1, 3)
 
 
 def decode_on_cpu(data: bytes) -> torch.Tensor:
@@ -209,7 +226,7 @@ class NvjpegTwoViewLoader(PositionalLoader):
 
     def _decode_one(self, raw: bytes) -> torch.Tensor:
         """One file: nvJPEG when it can (a JPEG of 1 or 3 components), else, or when it fails, PIL on the CPU."""
-        if jpeg_components(raw) in (1, 3):
+        if nvjpeg_decodable(raw):
             try:
                 return self._decode_batch([torch.frombuffer(bytearray(raw), dtype=torch.uint8)])[0]
             except RuntimeError:
@@ -242,7 +259,7 @@ class NvjpegTwoViewLoader(PositionalLoader):
     def _decode(self, raw: list[bytes], idx: list[int]) -> tuple[list[torch.Tensor], list[int]]:
         """The batch's images, always as many as files, and the sample each came from (a bad file's replacement)."""
         imgs: list = [None] * len(raw)
-        gpu = [k for k, b in enumerate(raw) if jpeg_components(b) in (1, 3)]  # what nvJPEG decodes
+        gpu = [k for k, b in enumerate(raw) if nvjpeg_decodable(b)]  # what nvJPEG decodes
         if gpu:
             try:
                 for k, img in zip(gpu, self._decode_batch([torch.frombuffer(bytearray(raw[k]), dtype=torch.uint8)
