@@ -2,6 +2,12 @@
 
     python -m bench.bench_data                  # on a GPU (DALI if importable: see bench/RESULTS.md)
     python -m bench.bench_data --tiny           # smoke run on the CPU
+    python -m bench.bench_data --dali-threads 4,8 --dali-hw-load 0.65,0.9   # and DALI's settings swept
+
+With ``--dali-threads`` / ``--dali-hw-load`` the DALI pipeline is also timed at every pair of the
+grid, after the other paths, with the product's defaults (``data.dali_threads``,
+``data.dali_hw_decoder_load``) timed first and again last; a ``dali_settings`` row names the pair to
+make the defaults, or keeps them (``choose_dali_settings``: the rule and what it rests on).
 
 Paths: the device-resident CIFAR loader (32 px, real CIFAR-10 arrays when cached, else random
 uint8); for ImageNet-style JPEGs (500x375 photos-like images of 50-110 KB that the benchmark
@@ -134,11 +140,53 @@ def rate_row(t: Timing, batch: int) -> dict:
                 batch_p80_ms=t.p80, batches=t.samples, warmup_batches=t.warmup, timed_s=t.timed_s, timer=t.timer)
 
 
-def run(tiny: bool, jpeg_dir: Path, device, emit=None, reps: Reps | None = None) -> list[dict]:
+def dali_grid(threads: str, hw_load: str) -> list[tuple[int, float]]:
+    """The sweep's (data.dali_threads, data.dali_hw_decoder_load) pairs from two comma lists ('' = the
+    default alone); threads 0 is auto, resolved as the product resolves it."""
+    from vssl_fast.config import DataConfig
+    from vssl_fast.data.folder_dali import dali_threads
+
+    d = DataConfig()
+    try:
+        ts = [int(v) for v in threads.split(",")] if threads else [d.dali_threads]
+        hs = [float(v) for v in hw_load.split(",")] if hw_load else [d.dali_hw_decoder_load]
+    except ValueError as e:
+        raise SystemExit(f"bench_data: --dali-threads takes integers and --dali-hw-load numbers, comma-separated: {e}") from None
+    bad = [t for t in ts if t < 0] + [h for h in hs if not 0.0 <= h <= 1.0]
+    if bad:
+        raise SystemExit(f"bench_data: threads must be >= 0 (0 = auto) and hw_decoder_load in [0, 1]; got {bad}")
+    return sorted({(dali_threads(t), h) for t in ts for h in hs})
+
+
+def choose_dali_settings(default: tuple[int, float], rates: dict[tuple[int, float], float],
+                         default_rates: list[float], min_gain: float = 0.03) -> dict:
+    """The defaults the sweep supports. ``rates``: images/s per (threads, hw_decoder_load) pair;
+    ``default_rates``: the default pair timed before and after the others (its drift over the sweep).
+    A pair replaces the defaults only when its rate beats the default's best by more than both
+    ``min_gain`` and that drift; otherwise the defaults stay ('keep the defaults')."""
+    base = max(default_rates)
+    drift = (max(default_rates) - min(default_rates)) / base if len(default_rates) > 1 else None
+    best = max(rates, key=rates.get)
+    margin = max(min_gain, drift or 0.0)
+    won = best != default and rates[best] > base * (1 + margin)
+    return dict(choice={"data.dali_threads": best[0], "data.dali_hw_decoder_load": best[1]} if won
+                else "keep the defaults",
+                fastest={"data.dali_threads": best[0], "data.dali_hw_decoder_load": best[1]},
+                x_default=rates[best] / base, default={"data.dali_threads": default[0],
+                                                        "data.dali_hw_decoder_load": default[1]},
+                default_drift=drift, needed_gain=margin,
+                rule=f"the fastest pair, only when it beats the defaults' best rate by more than "
+                     f"max({min_gain:.0%}, the defaults' drift between their first and last timing)",
+                rests_on={f"{t} threads, hw {h:g}": round(r, 1) for (t, h), r in sorted(rates.items())}
+                | {"defaults, each timing": [round(r, 1) for r in default_rates]})
+
+
+def run(tiny: bool, jpeg_dir: Path, device, emit=None, reps: Reps | None = None,
+        dali_sweep: list[tuple[int, float]] | None = None) -> list[dict]:
     """Every path's img/s; the CPU DataLoader baseline is measured before the paths compared with
     it, so each row goes to ``emit`` complete as soon as it is measured. Each path: 8 warm-up
     batches, then at least 40 batches and 3 s (``bench.timing.LOADER``), its loader closed (workers
-    joined) before the next path is built."""
+    joined) before the next path is built. ``dali_sweep`` (``dali_grid``): DALI's settings timed last."""
     from vssl_fast.data.folder import dali_available
     from vssl_fast.data.folder_torchvision import NvjpegTwoViewLoader, TorchvisionTwoViewLoader
     from vssl_fast.data.loader import DeviceTwoViewLoader
@@ -196,7 +244,43 @@ def run(tiny: bool, jpeg_dir: Path, device, emit=None, reps: Reps | None = None)
     r = rate_row(t, got)
     add(path="torchvision_nvjpeg" if made[-1].device.type == "cuda" else "torchvision_decode_jpeg_cpu", crop=crop,
         batch=got, **r, x_cpu_baseline=r["img_per_s"] / base, children_left=left, note=made[-1].describe())
+    if ok and dali_sweep:
+        sweep_dali(train, ispecs, bsj, device, reps, dali_sweep, base, crop, sz, add)
     return rows
+
+
+def sweep_dali(train, ispecs, bsj, device, reps, grid, base, crop, sz, add) -> None:
+    """DALI's pipeline at each (threads, hw_decoder_load) pair of ``grid``: the product's defaults first
+    and last (their drift over the sweep), every row emitted as it ends, then the ``dali_settings``
+    row (``choose_dali_settings``), each to ``add``."""
+    from vssl_fast.config import DataConfig
+    from vssl_fast.data.folder_dali import DaliTwoViewLoader, dali_threads
+
+    d = DataConfig()
+    default = (dali_threads(d.dali_threads), d.dali_hw_decoder_load)
+    order = [default] + [g for g in grid if g != default] + [default]
+    workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+    rates, default_rates, pfx = {}, [], "dali"
+    for threads, hw in order:
+        made = []
+
+        def mk(made=made, threads=threads, hw=hw):
+            made.append(DaliTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, False, torch.float32, workers=workers,
+                                          threads=threads, hw_decoder_load=hw))
+            return made[-1]
+
+        t, got, left = time_loader(mk, reps)
+        r = rate_row(t, got)
+        pfx = "dali" if made[-1].device_id is not None else "dali_cpu_only"
+        add(path=f"{pfx}_sweep", crop=crop, batch=got, dali_threads=threads, hw_decoder_load=hw, **r,
+            x_cpu_baseline=r["img_per_s"] / base, children_left=left,
+            note=f"{made[-1].describe()}; {sz:.0f} KB JPEGs" + ("; the defaults" if (threads, hw) == default else ""))
+        if (threads, hw) == default:
+            default_rates.append(r["img_per_s"])
+        else:
+            rates[(threads, hw)] = r["img_per_s"]
+    rates[default] = max(default_rates)
+    add(path=f"{pfx}_settings", crop=crop, batch=bsj, **choose_dali_settings(default, rates, default_rates))
 
 
 def main(argv=None):
@@ -206,7 +290,10 @@ def main(argv=None):
     ap.add_argument("--out", default="bench/results/data.jsonl")
     ap.add_argument("--require-dali", action="store_true", help="fail when the DALI path cannot be measured")
     ap.add_argument("--make-jpegs-only", action="store_true", help="make the benchmark JPEGs (every core) and stop")
+    ap.add_argument("--dali-threads", default="", help="sweep data.dali_threads over these, e.g. 4,8 (0 = auto)")
+    ap.add_argument("--dali-hw-load", default="", help="sweep data.dali_hw_decoder_load over these, e.g. 0.65,0.9")
     a = ap.parse_args(argv)
+    sweep = dali_grid(a.dali_threads, a.dali_hw_load) if (a.dali_threads or a.dali_hw_load) else None
     if a.make_jpegs_only:
         t0 = time.perf_counter()
         n = 64 if a.tiny else 4096  # bench_e2e --tiny uses 64, bench_data --tiny the first 32
@@ -215,11 +302,17 @@ def main(argv=None):
         return []
     env = env_info()
     sink = RowSink("data", a.out, env)
-    rows = run(a.tiny, Path(a.jpeg_dir), bench_device(), emit=sink.emit)
+    rows = run(a.tiny, Path(a.jpeg_dir), bench_device(), emit=sink.emit, dali_sweep=sweep)
     print(header("data paths", env))
-    print(markdown_table(rows, ["path", "crop", "batch", "img_per_s", "batch_p20_ms", "batch_p80_ms", "batches",
-                                "x_cpu_baseline", "children_left", "note"]))
-    missing = [r for r in rows if r.get("img_per_s") is None]
+    timed = [r for r in rows if not r["path"].endswith("_settings")]
+    print(markdown_table(timed, ["path", "crop", "batch", "img_per_s", "batch_p20_ms", "batch_p80_ms", "batches",
+                                "x_cpu_baseline", "children_left"] + (["dali_threads", "hw_decoder_load"] if sweep else [])
+                         + ["note"]))
+    for r in rows:
+        if r["path"].endswith("_settings"):
+            print(f"DALI settings: {r['choice']} (fastest {r['fastest']}, x{r['x_default']:.3f} the defaults; "
+                  f"needed > x{1 + r['needed_gain']:.3f}; rests on {r['rests_on']})")
+    missing = [r for r in timed if r.get("img_per_s") is None]
     if a.require_dali and missing:
         raise SystemExit(f"bench_data: {missing[0]['path']} not measured ({missing[0]['note']}); --require-dali makes "
                          "that a failure (bring DALI with bench/gpu_check's dali stage)")

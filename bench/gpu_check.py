@@ -15,7 +15,8 @@ plan (``PLAN``; ``--plan`` prints it and checks it):
   CIFAR run. Carries the CIFAR tar (19.6 MB) in ``.gpu/``;
 - **call 2, ``data``** (540 s): the cosine-loss benchmark, the DALI bundle set up (``bench.dali_bundle install``, checked with a
   GPU decode), the 4,096 benchmark JPEGs made once with every core, the DALI tests, the data-path
-  benchmark and the end-to-end JPEG-folder run. Carries the DALI bundle in ``.gpu/dali/``: one
+  benchmark (DALI's ``data.dali_threads`` x ``data.dali_hw_decoder_load`` swept last, for their
+  defaults) and the end-to-end JPEG-folder run. Carries the DALI bundle in ``.gpu/dali/``: one
   part of 49 MiB (``bench.dali_bundle``: sm_90 code only, symbols stripped, what the JPEG path
   never loads left out, xz -9e; the shared tool's bundle was three parts of up to 62 MiB). The
   two calls share nothing, so call 2 does not depend on the machine staying warm; to run its
@@ -58,6 +59,7 @@ TINY_TAR_MIB = 0.6  # .gpu/cifar-tiny.tar: 300 of its JPEGs, what tests/conftest
 JPEGS = "/tmp/vssl_bench_jpegs"  # made once per machine, shared by data and e2e_jpeg
 DALI_CARRIED = ".gpu/dali"  # the bundle's parts, carried by call 2
 CARRIED_TABLE = ".gpu/launch_table.json"  # call 1's tuned launch settings, when copied there for call 2
+DALI_SWEEP = ("--dali-threads", "4,8", "--dali-hw-load", "0.65,0.9")  # the data stage's sweep for DALI's defaults
 DALI_SITE = "/tmp"
 
 
@@ -107,7 +109,8 @@ def stages(out: Path, cifar: str) -> list[Stage]:
               py + ["-m", "bench.bench_data", "--tiny", "--make-jpegs-only", "--jpeg-dir", tiny_work + "/jpegs"]),
         Stage("dali_tests", 60, 30, pytest + ["tests/data", "-k", "dali"], pytest + ["tests/data/test_sources.py"],
               ("cuda", "dali")),
-        Stage("data", 150, 90, m("bench_data", "--require-dali", "--jpeg-dir", JPEGS),
+        # DALI's settings swept last (the defaults first and last): a cut keeps the rows above it
+        Stage("data", 150, 90, m("bench_data", "--require-dali", "--jpeg-dir", JPEGS, *DALI_SWEEP),
               m("bench_data", "--tiny", "--jpeg-dir", tiny_work + "/jpegs"), ("cuda", "dali")),
         # e2e_jpeg's --cifar is not read (the JPEG-folder run only): call 2 carries no CIFAR tar
         Stage("e2e_jpeg", 150, 90, m("bench_e2e", "--paths", "jpeg_folder", "--cifar", cifar, "--jpeg-dir", JPEGS,
@@ -262,6 +265,10 @@ def summarize(rows: list[dict], stage_info: list[dict]) -> str:
             lines.append(f"| {bench} | {label} | {fig} | {val:.4g} | {op} {goal} | {'yes' if met else 'NO'} |")
     lines += ["", "| stage | rc | seconds | note |", "|---|---|---|---|"]
     lines += [f"| {s['stage']} | {s.get('rc', '')} | {s.get('seconds', 0):.0f} | {s.get('note', '')} |" for s in stage_info]
+    for r in rows:
+        if r.get("bench") == "data" and str(r.get("path", "")).endswith("_settings"):
+            lines += ["", f"DALI settings ({r['path']}): {r['choice']}; fastest {r['fastest']} at x{r['x_default']:.3f} "
+                          f"the defaults (needed > x{1 + r['needed_gain']:.3f}); images/s: {r['rests_on']}"]
     compile_s = [(r.get("bench"), r.get("provider") or r.get("variant"), r["first_call_s"]) for r in rows
                  if r.get("first_call_s")]
     if compile_s:

@@ -273,3 +273,43 @@ def test_tune_launch_writes_a_valid_table_and_keeps_rows_when_cut(tmp_path, monk
                             "--out", ""])
     assert cut == {} and "lars" not in json.loads(table.read_text())["sm_90"]
     assert "lars: skipped, budget spent" in capsys.readouterr().out
+
+
+def test_the_dali_sweep_times_the_defaults_first_and_last_and_names_its_choice(tmp_path):
+    """The sweep on this machine's DALI (CPU-only mode without a GPU: the plumbing, not a figure)."""
+    pytest.importorskip("nvidia.dali", reason="DALI is the optional 'dali' extra")
+    import multiprocessing
+
+    from bench.bench_data import make_jpegs, sweep_dali
+    from bench.timing import TINY
+    from vssl_fast.data.augment import view_specs
+    from vssl_fast.data.folder_dali import dali_threads
+
+    rows = []
+    train = make_jpegs(tmp_path / "j", 16)
+    default = (dali_threads(0), 0.65)
+    sweep_dali(train, view_specs("imagenet", "asymmetric", 32), 4, torch.device("cpu"), TINY,
+               [(1, 0.65), default], 1000.0, 32, 60, lambda **r: rows.append(r))
+    swept = [(r["dali_threads"], r["hw_decoder_load"]) for r in rows[:-1]]
+    assert swept == [default, (1, 0.65), default]  # the defaults again last: their drift over the sweep
+    assert all(r["path"] == "dali_cpu_only_sweep" and r["img_per_s"] > 0 and r["children_left"] == 0
+               for r in rows[:-1])
+    assert "1 threads" in rows[1]["note"] and rows[0]["note"].endswith("the defaults")
+    last = rows[-1]
+    assert last["path"] == "dali_cpu_only_settings" and last["default"]["data.dali_threads"] == default[0]
+    assert last["choice"] == "keep the defaults" or last["choice"] == {"data.dali_threads": 1,
+                                                                        "data.dali_hw_decoder_load": 0.65}
+    assert len(last["rests_on"]["defaults, each timing"]) == 2
+    assert multiprocessing.active_children() == []
+
+
+def test_the_device_check_summary_names_the_dali_settings_the_sweep_supports():
+    from bench import gpu_check
+    from bench.bench_data import choose_dali_settings
+
+    assert "--dali-threads" in next(s for s in gpu_check.stages(Path("/tmp/x"), "c.tar") if s.name == "data").cmd
+    row = dict(bench="data", path="dali_settings", **choose_dali_settings((8, 0.65), {(8, 0.65): 15000.0,
+                                                                                      (4, 0.9): 17000.0},
+                                                                           [14800.0, 15000.0]))
+    text = gpu_check.summarize([row], [])
+    assert "DALI settings (dali_settings): {'data.dali_threads': 4, 'data.dali_hw_decoder_load': 0.9}" in text

@@ -214,3 +214,39 @@ def test_tune_launch_keeps_the_default_unless_a_candidate_wins_beyond_the_spread
     beyond = run([timing(1.0, 0.02), timing(0.8, 0.02)])
     assert beyond["best"] == tl.multi_tensor_candidates(True)[1] and beyond["candidates"][1]["timings"]["w"]["samples"] == 20
     assert beyond["rule"].startswith("the default unless")
+
+
+def test_dali_settings_change_only_beyond_the_defaults_drift_and_a_minimum_gain():
+    from bench.bench_data import choose_dali_settings
+
+    d = (8, 0.65)
+    # 10% faster than the defaults' best, whose two timings drifted 2%: the pair wins
+    won = choose_dali_settings(d, {d: 1000.0, (4, 0.9): 1100.0, (8, 0.9): 1020.0}, [980.0, 1000.0])
+    assert won["choice"] == {"data.dali_threads": 4, "data.dali_hw_decoder_load": 0.9}
+    assert won["x_default"] == pytest.approx(1.1) and won["default_drift"] == pytest.approx(0.02)
+    assert won["rests_on"]["defaults, each timing"] == [980.0, 1000.0]
+    # the same gain inside a 12% drift of the defaults: undecided, the defaults stay
+    drift = choose_dali_settings(d, {d: 1000.0, (4, 0.9): 1100.0}, [880.0, 1000.0])
+    assert drift["choice"] == "keep the defaults" and drift["fastest"]["data.dali_threads"] == 4
+    assert drift["needed_gain"] == pytest.approx(0.12)
+    # 2% faster without drift: under the 3% minimum gain
+    small = choose_dali_settings(d, {d: 1000.0, (4, 0.65): 1020.0}, [1000.0, 1000.0])
+    assert small["choice"] == "keep the defaults" and small["needed_gain"] == pytest.approx(0.03)
+    # the defaults fastest
+    assert choose_dali_settings(d, {d: 1000.0, (2, 0.65): 700.0}, [1000.0, 990.0])["choice"] == "keep the defaults"
+
+
+def test_the_dali_grid_resolves_auto_threads_as_the_product_and_refuses_bad_values(monkeypatch):
+    from bench.bench_data import dali_grid
+    from vssl_fast.data.folder_dali import dali_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert dali_threads(0) == 8 and dali_threads(3) == 3
+    assert dali_grid("0,4,8", "0.65,0.9") == [(4, 0.65), (4, 0.9), (8, 0.65), (8, 0.9)]  # auto is 8 here: once
+    assert dali_grid("", "0.9") == [(8, 0.9)]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks on 16 cores: 2 threads each
+    assert dali_threads(0) == 2
+    for threads, hw, what in (("4,x", "", "integers"), ("-1", "", ">= 0"), ("", "1.5", "[0, 1]")):
+        with pytest.raises(SystemExit, match=what.replace("[", r"\[")):
+            dali_grid(threads, hw)

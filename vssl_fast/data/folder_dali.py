@@ -266,6 +266,15 @@ def largest_image(sizes) -> tuple[int, int]:
     return int(H * scale), int(W * scale)
 
 
+def dali_threads(setting: int = 0) -> int:
+    """The pipeline's thread count for ``data.dali_threads``: the setting itself when positive; 0 = auto,
+    this rank's share of the node's cores (torchrun's ``LOCAL_WORLD_SIZE`` ranks), from 2 to 8."""
+    if setting > 0:
+        return setting
+    share = (os.cpu_count() or 2) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(2, min(8, share))
+
+
 def decoder_hints(max_hw=(0, 0), hw_decoder_load: float = 0.65) -> dict:
     """The mixed decoder's memory hints from the largest image of the tree (its header size), so that nvJPEG
     never reallocates as larger images arrive (DALI's ResNet-50 example pads for ImageNet's largest with fixed
@@ -366,9 +375,7 @@ class DaliTwoViewLoader(PositionalLoader):
         self.specs, self.channels_last, self.out_dtype = specs, channels_last, out_dtype
         self.device = resolve_device(device)  # `cuda` without an index is the current device, never the CPU
         self.workers, self.hw_decoder_load = workers, hw_decoder_load
-        # data.dali_threads, 0 = auto: this rank's share of the node's cores (torchrun's LOCAL_WORLD_SIZE ranks)
-        share = (os.cpu_count() or 2) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        self.threads = threads if threads > 0 else max(2, min(8, share))
+        self.threads = dali_threads(threads)
         self.pipe, self.it, self._at = None, None, None  # _at: the position the pipeline yields next
         self._held = HeldUntilDone(torch.cuda.Event if self.device_id is not None else None)
 
