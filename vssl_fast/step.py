@@ -72,6 +72,15 @@ def recompile_guards(message: str) -> str:
     return ("; ".join(guards) or "no guard named") + at
 
 
+def _chain(e: BaseException):
+    """``e`` and the exceptions it was raised from or during, outermost first."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def by_dtype(*lists):
     """Parallel tensor lists split into groups of one (device, dtype) each, as the first list's
     tensors: ``by_dtype(a, b)`` -> [(a_group, b_group), ...]. ATen's CUDA ``_foreach_*`` fast path
@@ -355,11 +364,13 @@ class TrainStep:
         with keep_captured_plans() as plans, torch.compiler.set_stance("fail_on_recompile"):
             try:
                 parts = self._graphs.capture(lambda: self._device_step(*self._static))
-            except RuntimeError as e:
-                if not str(e).startswith(_RECOMPILE):
+            except Exception as e:
+                # the capture's own exit may raise over Dynamo's error (an invalidated capture): look down the chain
+                hit = next((x for x in _chain(e) if _RECOMPILE in str(x)), None)
+                if hit is None:
                     raise
                 raise CaptureError("train.graph=on: torch.compile would recompile inside the CUDA-graph capture, "
-                                   f"after {self.graph_warmup} warm-up steps; guard failed: {recompile_guards(str(e))}. "
+                                   f"after {self.graph_warmup} warm-up steps; guard failed: {recompile_guards(str(hit))}. "
                                    "Use train.compile=none with train.graph=on, or train.graph=off") from None
         return parts, plans
 

@@ -132,10 +132,11 @@ class CpuGraphs:
     running, then the replay runs it), later replays run it again and write its outputs into the
     captured ones, as a replay writes a graph's output memory."""
 
-    def __init__(self, on_capture=None):
+    def __init__(self, on_capture=None, exit_error=None):
         self.warmups = self.captures = self.replays = 0
         self.graph = None
         self.on_capture = on_capture
+        self.exit_error = exit_error  # what torch.cuda.graph's exit raises over an error inside the capture
 
     def warmup(self, fn):
         self.warmups += 1
@@ -149,7 +150,12 @@ class CpuGraphs:
             self.on_capture()
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(_multi_tensor, "capturing", lambda device: True)
-            self._out = fn()
+            try:
+                self._out = fn()
+            except Exception:
+                if self.exit_error is not None:
+                    raise self.exit_error  # noqa: B904 (raised during the other, as capture_end's error would be)
+                raise
         self.graph, self._fresh = fn, True
         return self._out
 
@@ -204,10 +210,11 @@ def test_a_released_captured_step_frees_its_model_and_plans():
     import os
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("the fused kernels (whose plans a capture keeps) run on the CPU only under TRITON_INTERPRET=1")
+    n_global = len(_multi_tensor._CAPTURED)  # before the capture: a capture must not add to the process's set
     _run(step, _batches(TrainStep.GRAPH_WARMUP + 2, torch.device("cpu")))
     assert step._captured is not None and step._captured[1]
+    assert len(_multi_tensor._CAPTURED) == n_global, "the capture's plans went to the process-wide set"
     refs = [weakref.ref(step.model), weakref.ref(step.model.classifier.weight), weakref.ref(step.opt)]
-    n_global = len(_multi_tensor._CAPTURED)
     del step
     gc.collect()
     assert [r() is None for r in refs] == [True, True, True], "a released captured step kept its model alive"
@@ -228,7 +235,9 @@ def test_loading_optimizer_state_into_a_captured_step_captures_again(kernel_devi
     assert graphs.captures == 2 and graphs.warmups == 2 * TrainStep.GRAPH_WARMUP
 
 
-def test_a_recompile_inside_the_capture_is_one_line_naming_the_guard():
+@pytest.mark.parametrize("exit_error", [None, "capture invalidated"])
+def test_a_recompile_inside_the_capture_is_one_line_naming_the_guard(exit_error):
+    """Also when the capture's exit raises over Dynamo's error (a CUDA error of the invalidated capture)."""
     from vssl_fast.step import CaptureError
 
     torch.manual_seed(0)
@@ -244,7 +253,9 @@ def test_a_recompile_inside_the_capture_is_one_line_naming_the_guard():
     def forward(x1, x2, y, cfg, seed):
         return holder["model"](prep(x1), x2, y, cfg, seed)
 
-    step = _graph_stepper(base, torch.device("cpu"), CpuGraphs(on_capture=lambda: scale.update(v=2.0)), forward)
+    err = RuntimeError("CUDA error: operation failed due to a previous error during capture") if exit_error else None
+    step = _graph_stepper(base, torch.device("cpu"), CpuGraphs(on_capture=lambda: scale.update(v=2.0), exit_error=err),
+                          forward)
     holder["model"] = step.model
     step.method_cfg = MethodConfig(proj_output_dim=D, impl="reference")
     with pytest.raises(CaptureError) as e:
