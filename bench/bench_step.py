@@ -12,7 +12,9 @@ Variants, in the same process on the same card, after warm-up (and compilation):
       eager and as one CUDA graph per step (``--graph-modes off,on``: train.graph by measurement);
   (c) floor: the backbone alone: student forward+backward on both views, teacher forward, bf16
       channels-last, eager.
-Views/s = 2 B / median step time. Each variant: its first call (compilation, reported apart), 5
+Views/s = 2 B / median step time; on a card, for ``--profile-cases``, each fast-step row also
+counts one step's launches with torch.profiler (``host_launches``: kernel launches, async copies/sets and graph launches the host
+issued; ``gpu_kernels``: kernels the device ran), after its timing. Each variant: its first call (compilation, reported apart), 5
 warm-up steps, then at least 30 timed steps and 2 s (``bench.timing.STEP``), CUDA events around
 each step. When a setting is timed in more than one mode (``--graph-modes off,on``, several
 ``--compile-modes``) a ``decision(...)`` row names the choice the timings support, with the samples
@@ -160,8 +162,36 @@ def time_step(step, xs, model, reps: Reps, clock=None) -> tuple[Timing, float]:
     return dataclasses.replace(t, warmup=reps.warmup), first
 
 
+# the host's calls that put work on a CUDA stream, as the profiler names the runtime/driver API events
+LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel",
+               "cudaMemcpyAsync", "cudaMemsetAsync", "cudaGraphLaunch")
+
+
+def count_launches(events) -> dict:
+    """Launches per step from profiler events (``.name``, ``.device_type``): the host's launch calls
+    (kernels, async copies and sets, graph launches: what the host issues) and the kernels the device ran
+    (those inside a replayed graph included, as CUPTI records them)."""
+    from torch.autograd import DeviceType
+
+    host = sum(1 for e in events if e.name in LAUNCH_APIS)
+    graphs = sum(1 for e in events if e.name == "cudaGraphLaunch")
+    kernels = sum(1 for e in events if e.device_type == DeviceType.CUDA)
+    return dict(host_launches=host, graph_launches=graphs, gpu_kernels=kernels)
+
+
+def profile_launches(step, xs) -> dict:
+    """``count_launches`` over one step under torch.profiler (CPU and CUDA activity), on a card."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(*xs)
+        torch.cuda.synchronize()
+    return count_launches(prof.events())
+
+
 def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), emit=None,
-             graph_modes=("off",), reps: Reps | None = None) -> list[dict]:
+             graph_modes=("off",), reps: Reps | None = None, profile: bool = False) -> list[dict]:
     """Every variant of ``variants``, then the decisions; each row goes to ``emit`` as soon as it is measured."""
     cuda = device.type == "cuda"
     reps = reps or (TINY if tiny else STEP)
@@ -174,6 +204,8 @@ def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), e
         row = dict(px=px, batch=batch, variant=name, **t.row(), views_per_s=2 * batch / (t.ms * 1e-3),
                    first_call_s=first, peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                    **extra)
+        if cuda and profile and name.startswith("b_fast"):  # after the timing: the profiler stays out of it
+            row.update(profile_launches(step, xs))
         if name in ("a_reference", "c_backbone_floor"):
             base[name] = row["views_per_s"]
         else:
@@ -238,21 +270,24 @@ def main(argv=None):
     ap.add_argument("--compile-modes", default="auto",
                     help="fast-step variants to time, e.g. auto,none,default,reduce-overhead (train.compile by measurement)")
     ap.add_argument("--graph-modes", default="off,on", help="off (eager step) and/or on (one CUDA graph per step)")
+    ap.add_argument("--profile-cases", default="", help="PXxBATCH,... whose fast steps also get one profiled step "
+                    "(launches per step, eager vs captured; on a card)")
     ap.add_argument("--out", default="bench/results/step.jsonl")
     a = ap.parse_args(argv)
+    profiled = {tuple(int(v) for v in c.split("x")) for c in a.profile_cases.split(",") if c}
     cases = [(16, 4)] if a.tiny else [tuple(int(v) for v in c.split("x")) for c in a.cases.split(",")]
     env = env_info()
     device = bench_device()
     sink = RowSink("step", a.out, env)
     rows = []
     for px, b in cases:
-        rows += run_case(px, b, device, a.tiny, tuple(a.compile_modes.split(",")), emit=sink.emit,
+        rows += run_case(px, b, device, a.tiny, tuple(a.compile_modes.split(",")), emit=sink.emit, profile=(px, b) in profiled,
                          graph_modes=tuple(a.graph_modes.split(",")))
         torch.cuda.empty_cache() if device.type == "cuda" else None
     print(header("training step", env))
     print(markdown_table([r for r in rows if "decision" not in r],
                          ["px", "batch", "variant", "ms", "p20", "p80", "samples", "views_per_s", "b_over_a", "b_over_c",
-                          "first_call_s", "peak_mem_gb"]))
+                          "host_launches", "gpu_kernels", "first_call_s", "peak_mem_gb"]))
     dec = [dict(r, rests_on="; ".join(f"{k}: {v['ms']:.3g} ms [{v['p20']:.3g}, {v['p80']:.3g}] x{v['samples']}"
                                       for k, v in r["rests_on"].items())) for r in rows if "decision" in r]
     if dec:

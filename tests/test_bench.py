@@ -104,6 +104,11 @@ def test_e2e_and_vssl_vs_byol_commands_tiny(cifar_tiny_tar, tmp_path, monkeypatc
     by = {r["path"]: r for r in rows}
     assert by["cifar_gpu"]["step_bench_views_per_s"] == 100.0 and by["cifar_gpu"]["step_bench_from"] == "step stage"
     assert by["jpeg_folder"]["step_bench_from"] == "timed here" and by["jpeg_folder"]["step_bench_views_per_s"] > 0
+    from vssl_fast.data.folder import dali_available  # each row names the pipeline that fed the run (results.json)
+
+    fed = by["jpeg_folder"]["data_loader"]
+    assert ("DALI CPU-only decode" if dali_available()[0] else "torchvision ImageFolder, PIL") in fed, fed
+    assert by["cifar_gpu"]["data_loader"], by["cifar_gpu"]
     rows, summary = vssl_vs_byol.main(["--tiny", "--cifar", str(cifar_tiny_tar), "--epochs", "1",
                                        "--work", str(tmp_path / "cmp"), "--out", "", f"--data.cache_dir={tmp_path / 'c'}"])
     assert [r["method"] for r in rows] == ["vssl", "byol", "vssl"]
@@ -143,14 +148,21 @@ class _FakeClock:
         return self.t
 
 
-def _fake_runner(gpu_check, out, clock, durations, needs_rc=0, calls=None):
-    """Stages that take ``durations[name]`` fake seconds (cut when over their limit); needs checks answer ``needs_rc``."""
+def _fake_runner(gpu_check, out, clock, durations, needs_rc=0, calls=None, checks=None):
+    """Stages that take ``durations[name]`` fake seconds (cut when over their limit); needs checks answer
+    ``needs_rc`` and take NEED_CHECK_S each (listed in ``checks``), env.txt's three commands ENV_S in all."""
     names = {}
     for st in gpu_check.stages(out, ".gpu/cifar10-jpeg.tar.gz"):
         names[tuple(st.cmd)], names[tuple(st.tiny_cmd)] = st.name, st.name
 
     def runner(cmd, env, timeout):
-        if tuple(cmd) not in names:  # a needs check (python -c 'import torch; assert cuda')
+        if tuple(cmd) not in names:
+            if cmd[-1].startswith("import torch, triton, platform") or cmd[0] in ("nvidia-smi", "git"):
+                clock.t += gpu_check.ENV_S / 3  # env.txt
+                return 0, "fake"
+            clock.t += gpu_check.NEED_CHECK_S  # a needs check (python -c 'import torch; assert cuda')
+            if checks is not None:
+                checks.append(cmd[-1])
             return needs_rc, "" if needs_rc == 0 else "AssertionError: no CUDA device"
         name = names[tuple(cmd)]
         if calls is not None:
@@ -187,17 +199,22 @@ def test_gpu_check_budget_cuts_and_skips_on_a_fake_clock(tmp_path):
 
 
 @pytest.mark.parametrize("call", ["kernels", "data"])
-def test_the_planned_caps_fit_each_call_at_the_default_budget(tmp_path, call):
-    """Each call's stages at their full caps (every one cut at its limit) still all start with their whole cap."""
+def test_the_planned_caps_fit_each_call_at_the_default_budget(tmp_path, call, monkeypatch):
+    """Each call's stages at their full caps (every one cut at its limit) still all start with their whole cap,
+    with env.txt and each need's check taking the seconds the plan allows them (a real call, not --tiny:
+    its needs are checked, once each)."""
     from bench import gpu_check
 
     assert gpu_check.check_plan() == []
-    out, clock, calls = tmp_path / "out", _FakeClock(), []
+    monkeypatch.setattr(gpu_check, "_with_dali", lambda env: dict(env, DALI="set up"))  # no bundle here
+    out, clock, calls, checks = tmp_path / "out", _FakeClock(), [], []
     caps = {s.name: s.cap_s for s in gpu_check.stages(out, "")}
-    runner = _fake_runner(gpu_check, out, clock, {n: 10 * c for n, c in caps.items()}, calls=calls)
-    rc = gpu_check.main(["--tiny", "--call", call, "--out", str(out)], runner=runner, clock=clock)
+    runner = _fake_runner(gpu_check, out, clock, {n: 10 * c for n, c in caps.items()}, calls=calls, checks=checks)
+    rc = gpu_check.main(["--call", call, "--out", str(out)], runner=runner, clock=clock)
     assert rc == 1 and [n for n, _ in calls] == gpu_check.PLAN[call]["stages"]
     assert all(limit == caps[n] for n, limit in calls)  # nothing squeezed or skipped by another stage's time
+    assert len(checks) == len({need for st in gpu_check.stages(out, "") if st.name in gpu_check.PLAN[call]["stages"]
+                               for need in st.needs})  # each need checked once
     assert clock.t + gpu_check.RESERVE_S <= gpu_check.CALL_BUDGET_S <= 540
 
 
@@ -303,7 +320,7 @@ def test_the_dali_sweep_times_the_defaults_first_and_last_and_names_its_choice(t
     assert multiprocessing.active_children() == []
 
 
-def test_the_device_check_summary_names_the_dali_settings_the_sweep_supports():
+def test_the_device_check_summary_names_the_dali_settings_and_the_launches_per_step():
     from bench import gpu_check
     from bench.bench_data import choose_dali_settings
 
@@ -311,5 +328,8 @@ def test_the_device_check_summary_names_the_dali_settings_the_sweep_supports():
     row = dict(bench="data", path="dali_settings", **choose_dali_settings((8, 0.65), {(8, 0.65): 15000.0,
                                                                                       (4, 0.9): 17000.0},
                                                                            [14800.0, 15000.0]))
-    text = gpu_check.summarize([row], [])
+    step = dict(bench="step", px=224, batch=32, variant="b_fast(compile=none=auto,graph=on)", host_launches=3,
+                gpu_kernels=1400)
+    text = gpu_check.summarize([row, step], [])
     assert "DALI settings (dali_settings): {'data.dali_threads': 4, 'data.dali_hw_decoder_load': 0.9}" in text
+    assert "224x32 b_fast(compile=none=auto,graph=on): 3 / 1400" in text

@@ -250,3 +250,20 @@ def test_the_dali_grid_resolves_auto_threads_as_the_product_and_refuses_bad_valu
     for threads, hw, what in (("4,x", "", "integers"), ("-1", "", ">= 0"), ("", "1.5", "[0, 1]")):
         with pytest.raises(SystemExit, match=what.replace("[", r"\[")):
             dali_grid(threads, hw)
+
+
+def test_launches_per_step_count_the_hosts_launch_calls_and_the_devices_kernels():
+    """bench_step's profiler count (a card only), on events as torch.profiler names them."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from bench.bench_step import count_launches
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    ev = lambda name, dev=cpu: SimpleNamespace(name=name, device_type=dev)  # noqa: E731
+    eager = [ev("aten::mm"), ev("cudaLaunchKernel"), ev("cuLaunchKernel"), ev("cudaMemcpyAsync"),
+             ev("ampere_sgemm", cuda), ev("triton_lars", cuda), ev("cudaStreamSynchronize")]
+    assert count_launches(eager) == dict(host_launches=3, graph_launches=0, gpu_kernels=2)
+    captured = [ev("cudaGraphLaunch")] + [ev(f"k{i}", cuda) for i in range(40)]
+    assert count_launches(captured) == dict(host_launches=1, graph_launches=1, gpu_kernels=40)
