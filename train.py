@@ -8,7 +8,7 @@ Several processes on one machine (gloo on CPU, NCCL on GPUs):
     torchrun --standalone --nproc_per_node=2 train.py --preset smoke --run-dir runs/smoke2
     torchrun --standalone --nproc_per_node=8 train.py --preset imagenet100 --data.path=data/imagenet100
 Several nodes (run on every node; NODE_RANK 0..N-1, MASTER = the first node's address):
-    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
         --rdzv_endpoint=$MASTER:29500 --rdzv_id=vssl train.py --preset imagenet100
 Resume after an interruption: add --resume auto (the newest good checkpoint in the run dir); a run
 dir that holds a run is only ever continued, with --resume.

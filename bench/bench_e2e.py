@@ -35,7 +35,8 @@ def _train(args: list[str], run_dir: Path) -> dict:
     tr = [x for x in rows if x.get("kind") == "train"][1:]  # drop the first interval (warm-up, compilation)
     vps = sum(x["views_per_s"] for x in tr) / max(len(tr), 1)
     wait = sum(x["data_wait"] for x in tr) / max(len(tr), 1)
-    return {"views_per_s": vps, "data_wait": wait}
+    res = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
+    return {"views_per_s": vps, "data_wait": wait, "data_loader": res.get("data_loader")}
 
 
 def _step_row(path: str | None, px: int, batch: int) -> float | None:
@@ -95,10 +96,12 @@ def main(argv=None):
             args = ["--preset", "imagenet100", f"--data.path={root}", f"--data.crop_size={px}", *common]
         res = _train(args, work / f"run_{name}")
         sink.emit(dict(path=name, px=px, batch=bs, train_views_per_s=res["views_per_s"], step_bench_views_per_s=step_vps,
-                       ratio=res["views_per_s"] / step_vps, data_wait=res["data_wait"], step_bench_from=step_src))
+                       ratio=res["views_per_s"] / step_vps, data_wait=res["data_wait"], step_bench_from=step_src,
+                       data_loader=res.get("data_loader")))
     rows = sink.rows
     print(header("end-to-end train.py vs step benchmark", env))
-    print(markdown_table(rows, ["path", "px", "batch", "train_views_per_s", "step_bench_views_per_s", "ratio", "data_wait"]))
+    print(markdown_table(rows, ["path", "px", "batch", "train_views_per_s", "step_bench_views_per_s", "ratio", "data_wait",
+                                "data_loader"]))
     return rows
 
 

@@ -79,6 +79,9 @@ def test_jpeg_folder_loader(benchmark, measure, same_run, path):
         ld = folder_dali.DaliTwoViewLoader(train, specs, bs, 0, 0, 1, device, False, torch.float32, workers=workers)
     else:
         ld = folder_torchvision.NvjpegTwoViewLoader(train, specs, bs, 0, 0, 1, device, min(cores, 8), False, torch.float32)
+    if path == "dali" and ld.device_id is None:
+        path = "dali_cpu_only"  # what ran: DALI's CPU pipeline (no CUDA device), not the GPU one
+    benchmark.extra_info["pipeline"] = ld.describe()
     t, _ = _time(benchmark, measure, ld, "jpeg folder loader per batch", path=path)
     if t is None:
         return

@@ -184,6 +184,15 @@ class CounterReader:
     def drain(self) -> list[tuple[int, int]]:
         return self._read(len(self.pending))
 
+    def settle(self, what: str) -> None:
+        """Wait, at most ``timeout_s``, for everything queued on the device so far (before the host blocks
+        on it: a log point's values, an evaluation): a collective that never completes is then exit 8
+        here rather than a blocking read that waits forever. Reads nothing; a no-op on the CPU."""
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+            wait_for(ev.query, self.timeout_s, what)
+
 
 class CudaGraphs:
     """The CUDA-graph calls of the captured step, in one place: warm-up steps and the capture run on

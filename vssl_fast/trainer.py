@@ -311,6 +311,7 @@ class Trainer:
     def _evaluate_or_stop(self, epoch: int, knn: bool) -> dict:
         """evaluate(); a stop signal during it saves with the evaluation marked pending (rerun on resume), exit 143."""
         self._pending_eval = [epoch, knn]
+        self.stepper.skip_reader.settle(f"the steps before the evaluation at step {self.step}")
         try:
             res = self.evaluate(epoch, knn)
         except faults.StopRequested:
@@ -375,6 +376,7 @@ class Trainer:
         return self._finish(last_eval, time.time() - t_start)
 
     def _log_step(self, parts, epoch, t_log, n, wait, views_per_step, t_start):
+        self.stepper.skip_reader.settle(f"step {self.step}")  # a stuck collective: exit 8, not a hang below
         vals = {k: float(v) for k, v in parts.items()}  # the log point: one host sync
         skipped = int(self.stepper.skipped)
         self.stepper.sync_host()  # the LRs the device schedule gave this step, for the row
@@ -425,6 +427,7 @@ class Trainer:
                           if getattr(self.data, "bad_files", None) is not None else 0),
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "torch": torch.__version__, "compile": self.compile_mode,
+            "data_loader": self.data.describe,  # which pipeline fed the run (DALI GPU or CPU, nvJPEG, PIL, device CIFAR)
             # what each automatic choice of this run rests on (vssl_fast.auto_settings)
             "auto_evidence": {k: auto_settings.EVIDENCE[k] for k, v in
                               (("train.compile", cfg.train.compile), ("train.graph", cfg.train.graph)) if v == "auto"},

@@ -1,11 +1,13 @@
 """Run under torchrun by tests/train/test_ddp_graph.py: the real trainer, with a non-finite loss at
 chosen steps and an optional crash, then rank 0 saves its final state for a bit-for-bit comparison.
 
-    torchrun --nproc_per_node=2 ddp_trainer_worker.py OUT BAD_STEPS CRASH_AT [--force-broadcast] -- TRAIN_ARGS...
+    torchrun --nproc_per_node=2 ddp_trainer_worker.py OUT BAD_STEPS CRASH_AT [--force-broadcast] [--tiny-backbone] \
+        -- TRAIN_ARGS...
 
 BAD_STEPS: comma-separated steps whose loss is made NaN (skipped by every rank alike); CRASH_AT: the
 step before which every rank dies (os._exit, no save), 0 for none; --force-broadcast: DDP broadcasts
-buffers (its default) although SyncBatchNorm keeps them equal, to compare with the product's choice.
+buffers (its default) although SyncBatchNorm keeps them equal, to compare with the product's choice;
+--tiny-backbone: a two-conv backbone for ResNet-18 (the fused kernels under the Triton interpreter).
 """
 
 import os
@@ -31,6 +33,14 @@ def main(argv):
             orig(self, *a, **k)
 
         torch.nn.parallel.DistributedDataParallel.__init__ = init
+    if "--tiny-backbone" in rest[:rest.index("--")]:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+        from helpers import tiny_backbone
+
+        from vssl_fast import models
+
+        models.FEATURE_DIMS["resnet18"] = 8
+        models.build_backbone = lambda name="resnet18", cifar_stem=False: tiny_backbone(8)
     tr = Trainer(load_config(args))
     fwd = tr.stepper.forward
 
@@ -51,6 +61,8 @@ def main(argv):
         dist.all_gather(both, bufs)
         info = {"graph": tr.stepper.graph_mode, "broadcast_buffers": tr.ddp.broadcast_buffers,
                 "skipped": int(tr.stepper.skipped), "buffers_equal": all(torch.equal(both[0], b) for b in both),
+                "optimizer": type(tr.opt).__name__, "device_schedule": tr.stepper.device_schedule,
+                "precision": "bf16" if tr.stepper.amp_dtype == torch.bfloat16 else "fp32",
                 "opt": [st["momentum_buffer"].clone() for st in tr.opt.state.values()]}
         if dist.get_rank() == 0:
             torch.save({"state": state, "info": info}, out)

@@ -18,16 +18,27 @@ from vssl_fast.distributed import DistInfo
 WORKER = REPO / "tests" / "train" / "ddp_trainer_worker.py"
 
 
-def _run(tmp_path, name, graph, bad="3", crash=0, resume=False, force_broadcast=False, tar=None):
+# what a GPU rank runs, as far as a CPU can: the fused losses, FusedLARS (its LRs and tau read on the device
+# from the schedule tables), channels-last, bf16 autocast (or fp32); the kernels under the Triton interpreter
+GPU_LIKE = ["--model.channels_last=true", "--method.impl=fused", "--optim.impl=fused", "--train.compile=none",
+            "--data.crop_size=16"]
+
+
+def _run(tmp_path, name, graph, bad="3", crash=0, resume=False, force_broadcast=False, tar=None, gpu_like=""):
+    """``gpu_like``: '' (the CPU's reference path) or the precision of the GPU-like configuration."""
     args = tiny_args(tar, tmp_path / name, tmp_path / "cache", steps=6, train__batch_size=4, data__train_subset=24,
                      data__val_subset=8, eval__knn_train_subset=8, eval__knn_k=4, eval__knn_t=0.1,
                      ckpt__every_steps=1000, log__every_steps=1000, train__graph=graph, log__plots="false")
+    args += [*GPU_LIKE, f"--train.precision={gpu_like}"] if gpu_like else []
     if resume:
         args.append("--resume=auto")
     out = tmp_path / f"{name}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out),
-           bad, str(crash)] + (["--force-broadcast"] if force_broadcast else []) + ["--"] + args
-    r = subprocess.run(cmd, cwd=REPO, env=env(PYTHONPATH=str(REPO), **CPU_RANKS), capture_output=True, text=True, timeout=900)
+           bad, str(crash)] + (["--force-broadcast"] if force_broadcast else []) + (
+           ["--tiny-backbone"] if gpu_like else []) + ["--"] + args
+    extra = {"TRITON_INTERPRET": "1"} if gpu_like else {}
+    r = subprocess.run(cmd, cwd=REPO, env=env(PYTHONPATH=str(REPO), **CPU_RANKS, **extra), capture_output=True,
+                       text=True, timeout=900)
     return r, (torch.load(out, weights_only=True) if out.exists() else None)
 
 
@@ -55,6 +66,26 @@ def test_static_ddp_step_equals_the_eager_one_with_a_skip_and_a_resume(cifar_tin
     r, broadcast = _run(tmp_path, "broadcast", "off", force_broadcast=True, tar=cifar_tiny_tar)
     assert r.returncode == 0 and broadcast["info"]["broadcast_buffers"] is True
     _same(eager, broadcast, "DDP's buffer broadcast on (its default) vs off")
+
+
+def test_fused_static_ddp_step_equals_the_eager_one_with_a_skip_and_a_resume(cifar_tiny_tar, tmp_path):
+    """The same under the GPU configuration: FusedLARS reads its LRs and tau from the device tables at the
+    device's applied-step count (no host read per step), so a skip and a resume are exact without a sync.
+    fp32: graph-ready equals eager bit for bit. bf16 autocast: graph modes turn autocast's weight-cast cache
+    off (torch's CUDA-graph rule), which changes the rounding against the eager step (~1e-4 here after one
+    step), so under bf16 the graph-ready run is compared with itself resumed, bit for bit."""
+    runs = {}
+    for name, graph, crash, resume, prec in (("eager", "off", 0, False, "fp32"), ("static", "on", 0, False, "fp32"),
+                                             ("bf16", "on", 0, False, "bf16"), ("resumed", "on", 5, False, "bf16"),
+                                             ("resumed", "on", 0, True, "bf16")):
+        r, runs[name] = _run(tmp_path, name, graph, crash=crash, resume=resume, tar=cifar_tiny_tar, gpu_like=prec)
+        assert (r.returncode != 0) == bool(crash), r.stdout[-3000:] + r.stderr[-3000:]
+    eager, static, bf16, resumed = runs["eager"], runs["static"], runs["bf16"], runs["resumed"]
+    assert eager["info"]["optimizer"] == "FusedLARS" and eager["info"]["device_schedule"] is True
+    assert (eager["info"]["graph"], static["info"]["graph"], static["info"]["skipped"]) == ("off", "static", 1)
+    _same(eager, static, "fused graph-ready DDP step vs eager (fp32)")
+    assert bf16["info"]["skipped"] == 1 and bf16["info"]["precision"] == "bf16"
+    _same(bf16, resumed, "fused bf16: crashed at step 5 and resumed from the epoch-end checkpoint at step 3")
 
 
 @pytest.mark.parametrize("nccl, handling, want", [((2, 21, 5), "0", "on"), ((2, 9, 5), "0", "off"),

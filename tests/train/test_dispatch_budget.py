@@ -162,4 +162,5 @@ def test_ddp_step_dispatch_budget():
         assert not got["mixed_foreach"] and not got["slow_foreach"], f"{graph}: {got['slow_foreach']}"
         assert got["aten_ops"] <= _bound("step_aten", rec), f"{graph}: {got['aten_ops']} ATen ops; {got['top_ops']}"
         assert got["cuda_launches"] <= _bound("step_cuda", rec), f"{graph}: {got['cuda_launches']} modelled launches"
-        assert got["triton_launches"] >= 10
+        # the same fused kernels as one process's step (losses, LARS, EMA, restore): DDP adds none
+        assert 10 <= got["triton_launches"] <= _bound("step_triton"), f"{graph}: {got['triton_launches']} Triton launches"

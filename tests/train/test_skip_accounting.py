@@ -126,3 +126,48 @@ def test_consecutive_skips_stop_within_the_readers_depth_naming_the_step(cifar_t
         assert tr.stepper.step == 4 + CounterReader.DEPTH - 1
     finally:
         tr.close()
+
+
+def test_settle_waits_for_the_device_queue_with_the_timeout(monkeypatch):
+    """Before the host blocks on device values (a log point, an evaluation) it waits for the queued work at
+    most dist.timeout_s: a stuck collective is exit 8 there, not a read that never returns."""
+    from vssl_fast.faults import DistributedError
+
+    done = {"v": False}
+
+    class Event:
+        def record(self):
+            pass
+
+        def query(self):
+            return done["v"]
+
+    r = CounterReader(torch.device("cpu"), timeout_s=0.05)
+    r.settle("never on a CPU")  # nothing queued anywhere but the host: returns at once
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    r.cuda = True  # the CUDA branch, its event faked
+    with pytest.raises(DistributedError, match=r"step 7 did not complete within dist.timeout_s=0.05 s") as e:
+        r.settle("step 7")
+    assert e.value.exit_code == 8
+    done["v"] = True
+    r.settle("step 8")
+
+
+def test_the_trainer_settles_before_every_log_point_and_evaluation(cifar_tiny_tar, tmp_path, monkeypatch):
+    _tiny(monkeypatch)
+    argv = tiny_args(cifar_tiny_tar, tmp_path / "run", tmp_path / "cache", steps=4, data__crop_size=16,
+                     data__train_subset=16, data__val_subset=8, eval__knn_train_subset=8, eval__knn_k=4,
+                     eval__knn_t=0.1, log__plots="false", log__every_steps=2, eval__online_every_epochs=1)
+    tr = Trainer(load_config(argv))
+    events = []
+    settle, record, evaluate = tr.stepper.skip_reader.settle, tr.monitor.record, tr.evaluate
+    monkeypatch.setattr(tr.stepper.skip_reader, "settle", lambda what: (events.append("settle"), settle(what))[1])
+    monkeypatch.setattr(tr.monitor, "record", lambda row: (events.append(row["kind"]), record(row))[1])
+    monkeypatch.setattr(tr, "evaluate", lambda *a: (events.append("evaluate"), evaluate(*a))[1])
+    try:
+        tr.fit()
+    finally:
+        tr.close()
+    blocking = [i for i, e in enumerate(events) if e in ("train", "evaluate")]
+    assert events.count("train") == 2 and events.count("evaluate") >= 2, events
+    assert all(events[i - 1] == "settle" for i in blocking), events

@@ -221,3 +221,19 @@ def test_two_process_run_with_sync_batchnorm_trains_and_resumes_bit_exactly(cifa
     second = train_rows(tmp_path / "run")
     assert sorted(second) == [1, 2, 3, 4]
     assert second[3]["loss"] == first[3]["loss"], f"step 3: {first[3]['loss']} then {second[3]['loss']} after resume"
+
+
+def test_the_sync_counter_sees_torch_sync_batchnorms_empty_rank_mask():
+    """What the zero above rests on: torch.nn.SyncBatchNorm's forward drops empty ranks with a boolean mask
+    over the gathered count, mean and invstd (torch/nn/modules/_functions.py); the counter used above sees
+    each of those indexings as a host sync: 3 per layer call."""
+    from bench.bench_dispatch import OpCounter
+
+    world, c = 2, 4
+    gathered = torch.rand(world, 2 * c + 1)
+    counter = OpCounter()
+    with counter:
+        mean_all, invstd_all, count_all = torch.split(gathered, [c, c, 1], dim=1)
+        mask = count_all.squeeze(-1) >= 1  # torch's empty-rank mask
+        count_all, mean_all, invstd_all = count_all[mask], mean_all[mask], invstd_all[mask]
+    assert dict(counter.syncs) == {"index (boolean mask)": 3}
