@@ -142,9 +142,13 @@ def variants(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), g
 
     yield "a_reference", reference
     yield "c_backbone_floor", floor
+    seen = set()
     for requested in compile_modes:  # 'auto' = what the trainer picks
+        mode = resolve_compile_mode(requested, device, px)
+        if mode in seen:  # e.g. auto,none at 224 px, where auto is none: timed once
+            continue
+        seen.add(mode)
         for graph in graph_modes:  # 'on': one CUDA graph per step ('static', its uncaptured twin, on a CPU)
-            mode = resolve_compile_mode(requested, device, px)
             gmode = graph if (graph == "off" or cuda) else "static"
             name = f"b_fast(compile={mode}{'=auto' if requested == 'auto' else ''},graph={gmode})"
             yield name, functools.partial(fast, mode, gmode)

@@ -267,3 +267,14 @@ def test_launches_per_step_count_the_hosts_launch_calls_and_the_devices_kernels(
     assert count_launches(eager) == dict(host_launches=3, graph_launches=0, gpu_kernels=2)
     captured = [ev("cudaGraphLaunch")] + [ev(f"k{i}", cuda) for i in range(40)]
     assert count_launches(captured) == dict(host_launches=1, graph_launches=1, gpu_kernels=40)
+
+
+def test_the_step_variants_time_each_resolved_compile_mode_once():
+    """--compile-modes auto,none at 224 px (auto resolves to none there) times the 'none' step once."""
+    import torch
+
+    from bench.bench_step import variants
+
+    names = [n for n, _ in variants(224, 2, torch.device("cpu"), True, ("auto", "none"), ("off",))]
+    fast = [n for n in names if n.startswith("b_fast")]
+    assert len(fast) == len(set(n.split(",")[0].replace("=auto", "") for n in fast)) == 1, fast
