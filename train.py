@@ -28,14 +28,21 @@ from vssl_fast.trainer import Trainer
 def train(argv: list[str]) -> None:
     cfg = load_config(argv, description=__doc__)  # -h/--help prints every setting and exits 0
     trainer = Trainer(cfg)
+    stuck = False
     try:
         trainer.fit()
+    except BaseException as e:
+        stuck = faults.classify(e)[0] == faults.DistributedError.exit_code  # a peer or a collective is stuck
+        raise
     finally:
-        trainer.close()
+        trainer.close(abort=stuck)  # stuck: abort the process group; destroying it would wait on the collective
 
 
 def main(argv: list[str]) -> int:
-    return faults.run(train, argv)  # known failures -> one line and their exit code
+    code = faults.run(train, argv)  # known failures -> one line and their exit code
+    if code == faults.DistributedError.exit_code:
+        faults.exit_now(code)  # the line is out; no finalizer may wait on the stuck group
+    return code
 
 
 if __name__ == "__main__":

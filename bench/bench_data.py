@@ -159,24 +159,29 @@ def dali_grid(threads: str, hw_load: str) -> list[tuple[int, float]]:
 
 
 def choose_dali_settings(default: tuple[int, float], rates: dict[tuple[int, float], float],
-                         default_rates: list[float], min_gain: float = 0.03) -> dict:
+                         default_rates: list[float], min_gain: float = 0.03, auto_threads: int | None = None) -> dict:
     """The defaults the sweep supports. ``rates``: images/s per (threads, hw_decoder_load) pair;
     ``default_rates``: the default pair timed before and after the others (its drift over the sweep).
     A pair replaces the defaults only when its rate beats the default's best by more than both
-    ``min_gain`` and that drift; otherwise the defaults stay ('keep the defaults')."""
+    ``min_gain`` and that drift; otherwise the defaults stay ('keep the defaults'). A thread count
+    equal to the auto rule's here (``auto_threads``) is reported as 0, auto: a fixed count would lose
+    the per-rank share of the node's cores (the sweep runs one rank)."""
+    from vssl_fast.data.folder_dali import dali_threads
+
+    auto = dali_threads(0) if auto_threads is None else auto_threads
+    as_setting = lambda pair: {"data.dali_threads": 0 if pair[0] == auto else pair[0],  # noqa: E731
+                               "data.dali_hw_decoder_load": pair[1]}
     base = max(default_rates)
     drift = (max(default_rates) - min(default_rates)) / base if len(default_rates) > 1 else None
     best = max(rates, key=rates.get)
     margin = max(min_gain, drift or 0.0)
     won = best != default and rates[best] > base * (1 + margin)
-    return dict(choice={"data.dali_threads": best[0], "data.dali_hw_decoder_load": best[1]} if won
-                else "keep the defaults",
-                fastest={"data.dali_threads": best[0], "data.dali_hw_decoder_load": best[1]},
-                x_default=rates[best] / base, default={"data.dali_threads": default[0],
-                                                        "data.dali_hw_decoder_load": default[1]},
+    return dict(choice=as_setting(best) if won else "keep the defaults", fastest=as_setting(best),
+                x_default=rates[best] / base, default=as_setting(default), auto_threads=auto,
                 default_drift=drift, needed_gain=margin,
                 rule=f"the fastest pair, only when it beats the defaults' best rate by more than "
-                     f"max({min_gain:.0%}, the defaults' drift between their first and last timing)",
+                     f"max({min_gain:.0%}, the defaults' drift between their first and last timing); one rank, "
+                     f"data.dali_threads 0 = auto ({auto} threads here)",
                 rests_on={f"{t} threads, hw {h:g}": round(r, 1) for (t, h), r in sorted(rates.items())}
                 | {"defaults, each timing": [round(r, 1) for r in default_rates]})
 

@@ -46,7 +46,8 @@ def _step_row(path: str | None, px: int, batch: int) -> float | None:
     for line in Path(path).read_text().splitlines():
         r = json.loads(line) if line.strip() else {}
         if (r.get("bench") == "step" and r.get("px") == px and r.get("batch") == batch
-                and str(r.get("variant", "")).startswith("b_fast(") and "=auto,graph=off)" in r["variant"]):
+                and str(r.get("variant", "")).startswith("b_fast(") and "=auto,graph=off)" in r["variant"]
+                and r.get("views_per_s") is not None):  # a timing row, not bench_step's launches row
             return r["views_per_s"]
     return None
 

@@ -12,9 +12,10 @@ Variants, in the same process on the same card, after warm-up (and compilation):
       eager and as one CUDA graph per step (``--graph-modes off,on``: train.graph by measurement);
   (c) floor: the backbone alone: student forward+backward on both views, teacher forward, bf16
       channels-last, eager.
-Views/s = 2 B / median step time; on a card, for ``--profile-cases``, each fast-step row also
-counts one step's launches with torch.profiler (``host_launches``: kernel launches, async copies/sets and graph launches the host
-issued; ``gpu_kernels``: kernels the device ran), after its timing. Each variant: its first call (compilation, reported apart), 5
+Views/s = 2 B / median step time; on a card, for ``--profile-cases``, each fast step also gets a
+``launches`` row, profiled after every case is timed (one step under torch.profiler:
+``host_launches``, the kernel launches, async copies/sets and graph launches the host issued;
+``gpu_kernels``, the kernels the device ran). Each variant: its first call (compilation, reported apart), 5
 warm-up steps, then at least 30 timed steps and 2 s (``bench.timing.STEP``), CUDA events around
 each step. When a setting is timed in more than one mode (``--graph-modes off,on``, several
 ``--compile-modes``) a ``decision(...)`` row names the choice the timings support, with the samples
@@ -173,30 +174,39 @@ LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuL
 
 def count_launches(events) -> dict:
     """Launches per step from profiler events (``.name``, ``.device_type``): the host's launch calls
-    (kernels, async copies and sets, graph launches: what the host issues) and the kernels the device ran
-    (those inside a replayed graph included, as CUPTI records them)."""
+    (kernels, async copies and sets, graph launches: what the host issues), the kernels the device ran
+    (those inside a replayed graph included, as CUPTI records them; its copies and sets, also device
+    activity, apart) and any other host call named like a launch (an API this list misses)."""
     from torch.autograd import DeviceType
 
     host = sum(1 for e in events if e.name in LAUNCH_APIS)
     graphs = sum(1 for e in events if e.name == "cudaGraphLaunch")
-    kernels = sum(1 for e in events if e.device_type == DeviceType.CUDA)
-    return dict(host_launches=host, graph_launches=graphs, gpu_kernels=kernels)
+    device = [e for e in events if e.device_type == DeviceType.CUDA]
+    copies = sum(1 for e in device if e.name.startswith(("Memcpy", "Memset")))
+    other = sorted({e.name for e in events if e.device_type != DeviceType.CUDA and "Launch" in e.name
+                    and e.name not in LAUNCH_APIS})
+    return dict(host_launches=host, graph_launches=graphs, gpu_kernels=len(device) - copies, gpu_copies=copies,
+                other_launch_apis=other)
 
 
 def profile_launches(step, xs) -> dict:
-    """``count_launches`` over one step under torch.profiler (CPU and CUDA activity), on a card."""
-    from torch.profiler import ProfilerActivity, profile
+    """``count_launches`` over one step under torch.profiler (CPU and CUDA activity), on a card: one
+    step run as the profiler's warm-up (its first session can miss kernels at its start), one recorded."""
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step(*xs)
-        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=schedule(wait=0, warmup=1, active=1)) as prof:
+        for _ in range(2):
+            step(*xs)
+            torch.cuda.synchronize()
+            prof.step()
     return count_launches(prof.events())
 
 
 def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), emit=None,
-             graph_modes=("off",), reps: Reps | None = None, profile: bool = False) -> list[dict]:
-    """Every variant of ``variants``, then the decisions; each row goes to ``emit`` as soon as it is measured."""
+             graph_modes=("off",), reps: Reps | None = None, keep: list | None = None) -> list[dict]:
+    """Every variant of ``variants``, then the decisions; each row goes to ``emit`` as soon as it is measured.
+    ``keep``: the fast steps are kept there (row, step, inputs) for ``profile_kept`` after every timing."""
     cuda = device.type == "cuda"
     reps = reps or (TINY if tiny else STEP)
     rows, base = [], {}
@@ -208,8 +218,8 @@ def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), e
         row = dict(px=px, batch=batch, variant=name, **t.row(), views_per_s=2 * batch / (t.ms * 1e-3),
                    first_call_s=first, peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                    **extra)
-        if cuda and profile and name.startswith("b_fast"):  # after the timing: the profiler stays out of it
-            row.update(profile_launches(step, xs))
+        if keep is not None and name.startswith("b_fast"):
+            keep.append((row, step, xs))  # profiled after every case is timed: CUPTI, once attached, stays
         if name in ("a_reference", "c_backbone_floor"):
             base[name] = row["views_per_s"]
         else:
@@ -224,6 +234,19 @@ def run_case(px: int, batch: int, device, tiny: bool, compile_modes=("auto",), e
         rows.append(row)
         if emit is not None:
             emit(row)
+    return rows
+
+
+def profile_kept(kept: list, emit=None) -> list[dict]:
+    """One ``launches`` row per kept fast step (``run_case(keep=...)``), profiled after all timing: the
+    profiler's CUPTI stays attached once started and would slow every timing after it."""
+    rows = []
+    for row, step, xs in kept:
+        out = dict(px=row["px"], batch=row["batch"], variant=row["variant"], kind="launches", **profile_launches(step, xs))
+        rows.append(out)
+        if emit is not None:
+            emit(out)
+    kept.clear()
     return rows
 
 
@@ -284,14 +307,20 @@ def main(argv=None):
     device = bench_device()
     sink = RowSink("step", a.out, env)
     rows = []
+    kept = []  # the fast steps of --profile-cases, profiled after every case is timed
     for px, b in cases:
-        rows += run_case(px, b, device, a.tiny, tuple(a.compile_modes.split(",")), emit=sink.emit, profile=(px, b) in profiled,
-                         graph_modes=tuple(a.graph_modes.split(",")))
+        rows += run_case(px, b, device, a.tiny, tuple(a.compile_modes.split(",")), emit=sink.emit,
+                         graph_modes=tuple(a.graph_modes.split(",")),
+                         keep=kept if (device.type == "cuda" and (px, b) in profiled) else None)
         torch.cuda.empty_cache() if device.type == "cuda" else None
+    launches = profile_kept(kept, sink.emit)
     print(header("training step", env))
     print(markdown_table([r for r in rows if "decision" not in r],
                          ["px", "batch", "variant", "ms", "p20", "p80", "samples", "views_per_s", "b_over_a", "b_over_c",
-                          "host_launches", "gpu_kernels", "first_call_s", "peak_mem_gb"]))
+                          "first_call_s", "peak_mem_gb"]))
+    if launches:
+        print(markdown_table(launches, ["px", "batch", "variant", "host_launches", "graph_launches", "gpu_kernels",
+                                        "gpu_copies", "other_launch_apis"]))
     dec = [dict(r, rests_on="; ".join(f"{k}: {v['ms']:.3g} ms [{v['p20']:.3g}, {v['p80']:.3g}] x{v['samples']}"
                                       for k, v in r["rests_on"].items())) for r in rows if "decision" in r]
     if dec:

@@ -1,25 +1,30 @@
-"""The prepared device check: two calls of at most 9 minutes each, correctness first, every stage capped.
+"""The prepared device check: correctness first, every stage capped, planned for the device's time.
 
-    OUT=/path python -m bench.gpu_check --call kernels   # call 1: tests, tune, ema, lars, lamb, step, e2e_cifar
-    OUT=/path python -m bench.gpu_check --call data      # call 2: cosine, dali, jpegs, dali_tests, data, e2e_jpeg
-    python -m bench.gpu_check --plan                     # the plan (stages, caps, what each call carries), checked
+    OUT=/path python -m bench.gpu_check --call kernels   # session 1, call 1: tests, tune, ema, lars, lamb, step, e2e_cifar
+    OUT=/path python -m bench.gpu_check --call data      # session 1, call 2: dali, jpegs, dali_tests, data
+    OUT=/path python -m bench.gpu_check --call rest      # a later session: cosine, dali, jpegs, e2e_jpeg
+    python -m bench.gpu_check --plan                     # the plan (sessions, calls, caps, carries), checked
     python -m bench.gpu_check --tiny --call kernels --budget-s 600 --out /tmp/check   # the CPU test of this command
 
-Runs from the source tree on a bare device machine (no install, no network). A device machine is
-lent for about 15 minutes in all (its start included), at most 10 minutes a command, and goes back
-after ~30 s idle; the tool carries at most 64 MiB per call, the working tree included. Hence the
-plan (``PLAN``; ``--plan`` prints it and checks it):
+Runs from the source tree on a bare device machine (no install, no network). A session has 15
+minutes of device time in all (``SESSION_S``), a fresh machine's start (a minute or more,
+``START_S``) and every idle wait included, at most 10 minutes a command; a machine goes back after
+~30 s idle; the tool carries at most 64 MiB per call, the working tree included. Hence the plan
+(``PLAN``; ``--plan`` prints it and checks it): one session runs one start and two calls back to
+back, 120 + 480 + 240 s and 20 s of transfers per call, 880 s of its 900:
 
-- **call 1, ``kernels``** (540 s): CUDA correctness (the kernel, loss, step, evaluation and data
-  tests), the launch tuner, the EMA / LARS / LAMB benchmarks, the step grid and the end-to-end
-  CIFAR run. Carries the CIFAR tar (19.6 MB) in ``.gpu/``;
-- **call 2, ``data``** (540 s): the cosine-loss benchmark, the DALI bundle set up (``bench.dali_bundle install``, checked with a
-  GPU decode), the 4,096 benchmark JPEGs made once with every core, the DALI tests, the data-path
-  benchmark (DALI's ``data.dali_threads`` x ``data.dali_hw_decoder_load`` swept last, for their
-  defaults) and the end-to-end JPEG-folder run. Carries the DALI bundle in ``.gpu/dali/``: one
-  part of 49 MiB (``bench.dali_bundle``: sm_90 code only, symbols stripped, what the JPEG path
-  never loads left out, xz -9e; the shared tool's bundle was three parts of up to 62 MiB). The
-  two calls share nothing, so call 2 does not depend on the machine staying warm; to run its
+- **call 1, ``kernels``** (480 s): CUDA correctness (the kernel, loss, step, evaluation and data
+  tests), the launch tuner, the EMA / LARS / LAMB benchmarks, the step grid (with launches per
+  step profiled) and the end-to-end CIFAR run. Carries the CIFAR tar (19.6 MB) in ``.gpu/``;
+- **call 2, ``data``** (240 s, issued as soon as call 1 returns, while the machine is warm): the DALI
+  bundle set up (``bench.dali_bundle install``, checked with a GPU decode), the 4,096 benchmark JPEGs
+  made once with every core, the DALI tests and the data-path benchmark (DALI's
+  ``data.dali_threads`` x ``data.dali_hw_decoder_load`` swept last, for their defaults). Carries
+  the DALI bundle in ``.gpu/dali/``: one part of 49 MiB (``bench.dali_bundle``: sm_90 code only,
+  symbols stripped, what the JPEG path never loads left out, xz -9e; the shared tool's bundle was
+  three parts of up to 62 MiB);
+- **call 3, ``rest``** (a later session's device time): the cosine-loss benchmark and the
+  end-to-end JPEG-folder run, the DALI set-up and JPEGs again on the fresh machine. To run the
   cosine stage with call 1's tuned launch settings, copy call 1's ``launch_table.json`` to
   ``.gpu/launch_table.json`` and carry it too (else the defaults, and every row says which).
 
@@ -55,9 +60,13 @@ REPO = Path(__file__).resolve().parents[1]
 RESERVE_S = 15  # kept back from a call's budget: the summary, the log bundle, Python start-up
 ENV_S = 10  # env.txt: nvidia-smi and a child importing torch and triton (cold), before the first stage
 NEED_CHECK_S = 10  # one child per distinct need of a call ('cuda': import torch + CUDA init; 'dali'), checked once
-CALL_BUDGET_S = 540  # 9 minutes: a command may run 10, the rest is transfers and slack
+CALL_BUDGET_S = 540  # the most any one call is planned for: a command may run 10 minutes
+SESSION_S = 900  # a session's device time in all (the device tool: 15 minutes, starts and idle waits included)
+START_S = 120  # a fresh machine's start ("a minute or more"), counted once per session
+TRANSFER_S = 20  # per call: the tree and its carries out, OUT's files back
+SETUP_STAGES = {"dali", "jpegs"}  # set-up a fresh machine needs again: may be in every call that needs it
 CARRY_MIB = 64  # what the device tool carries per call, the working tree included
-TREE_MIB = 1.0  # the working tree (0.7 MB at the time of writing; tests/test_bench.py checks it)
+TREE_MIB = 1.25  # the working tree (1.04 MiB on 2026-12-02; tests/test_bench.py checks it)
 CIFAR_MIB = 19.6  # ../shared/data/cifar10-jpeg.tar.gz
 TINY_TAR_MIB = 0.6  # .gpu/cifar-tiny.tar: 300 of its JPEGs, what tests/conftest.py extracts
 JPEGS = "/tmp/vssl_bench_jpegs"  # made once per machine, shared by data and e2e_jpeg
@@ -92,33 +101,33 @@ def stages(out: Path, cifar: str) -> list[Stage]:
     tiny_work = str(out / ".work")
     return [
         # the ahead-of-time compile check needs no GPU (CI runs it); here only what needs the card
-        Stage("tests", 140, 60, pytest + [*kernel_tests, "--ignore=tests/kernels/test_aot_compile.py"],
+        Stage("tests", 130, 60, pytest + [*kernel_tests, "--ignore=tests/kernels/test_aot_compile.py"],
               pytest + ["tests/kernels/test_restore.py"], ("cuda",)),
-        Stage("tune", 70, 30, m("tune_launch", "--table", str(out / "launch_table.json"), "--budget", "50"),
+        Stage("tune", 50, 30, m("tune_launch", "--table", str(out / "launch_table.json"), "--budget", "40"),
               m("tune_launch", "--tiny", "--families", "ema", "--cap", "sm_00", "--table", str(out / "launch_table.json")),
               ("cuda",)),
-        Stage("ema", 20, 10, m("bench_ema"), m("bench_ema", "--tiny"), ("cuda",)),
-        Stage("lars", 20, 10, m("bench_lars"), m("bench_lars", "--tiny"), ("cuda",)),
-        Stage("lamb", 25, 10, m("bench_lamb"), m("bench_lamb", "--tiny"), ("cuda",)),
+        Stage("ema", 15, 10, m("bench_ema"), m("bench_ema", "--tiny"), ("cuda",)),
+        Stage("lars", 15, 10, m("bench_lars"), m("bench_lars", "--tiny"), ("cuda",)),
+        Stage("lamb", 15, 10, m("bench_lamb"), m("bench_lamb", "--tiny"), ("cuda",)),
         Stage("cosine", 90, 30, m("bench_cosine_loss"), m("bench_cosine_loss", "--tiny"), ("cuda",)),
         # 224x32: the per-GPU batch of an 8-GPU ImageNet-100 run, eager vs captured (issue 25); 32x512 last
         Stage("step", 145, 60, m("bench_step", "--cases", "32x256,224x32,224x128,224x256,32x512", "--graph-modes", "off,on",
                                  "--profile-cases", "32x256,224x32"),
               m("bench_step", "--tiny"), ("cuda",)),
         # the step benchmark's row for the same size comes from the step stage when it got that far
-        Stage("e2e_cifar", 85, 45, m("bench_e2e", "--paths", "cifar_gpu", "--cifar", cifar, "--work", "/tmp/vssl_e2e",
+        Stage("e2e_cifar", 75, 45, m("bench_e2e", "--paths", "cifar_gpu", "--cifar", cifar, "--work", "/tmp/vssl_e2e",
                                      "--step-rows", rows),
               m("bench_e2e", "--tiny", "--paths", "cifar_gpu", "--cifar", cifar, "--work", tiny_work + "/e2e"), ("cuda",)),
         Stage("dali", 30, 15, py + ["-m", "bench.dali_bundle", "install", DALI_CARRIED, "--dest", DALI_SITE, "--check"],
               py + ["-c", "import nvidia.dali"], ("cuda",)),
-        Stage("jpegs", 30, 10, py + ["-m", "bench.bench_data", "--make-jpegs-only", "--jpeg-dir", JPEGS],
+        Stage("jpegs", 25, 10, py + ["-m", "bench.bench_data", "--make-jpegs-only", "--jpeg-dir", JPEGS],
               py + ["-m", "bench.bench_data", "--tiny", "--make-jpegs-only", "--jpeg-dir", tiny_work + "/jpegs"]),
-        Stage("dali_tests", 60, 30, pytest + ["tests/data", "-k", "dali"], pytest + ["tests/data/test_sources.py"],
+        Stage("dali_tests", 45, 30, pytest + ["tests/data", "-k", "dali"], pytest + ["tests/data/test_sources.py"],
               ("cuda", "dali")),
         # DALI's settings swept last (the defaults first and last): a cut keeps the rows above it
-        Stage("data", 150, 90, m("bench_data", "--require-dali", "--jpeg-dir", JPEGS, *DALI_SWEEP),
+        Stage("data", 95, 90, m("bench_data", "--require-dali", "--jpeg-dir", JPEGS, *DALI_SWEEP),
               m("bench_data", "--tiny", "--jpeg-dir", tiny_work + "/jpegs"), ("cuda", "dali")),
-        # e2e_jpeg's --cifar is not read (the JPEG-folder run only): call 2 carries no CIFAR tar
+        # e2e_jpeg's --cifar is not read (the JPEG-folder run only): call 3 carries no CIFAR tar
         Stage("e2e_jpeg", 135, 90, m("bench_e2e", "--paths", "jpeg_folder", "--cifar", cifar, "--jpeg-dir", JPEGS,
                                      "--work", "/tmp/vssl_e2e"),
               m("bench_e2e", "--tiny", "--paths", "jpeg_folder", "--cifar", cifar, "--jpeg-dir", tiny_work + "/jpegs",
@@ -126,13 +135,21 @@ def stages(out: Path, cifar: str) -> list[Stage]:
     ]
 
 
-# The two device calls: which stages, in priority order, and what each carries (MiB, the tree aside).
+# The device calls: which session (one session's device time holds one machine start and its calls, back to
+# back while the machine is warm), the call's budget, its stages in priority order, what it carries (MiB, the
+# tree aside; a call with the dali stage carries the DALI part too).
 PLAN = {
-    "kernels": {"stages": ["tests", "tune", "ema", "lars", "lamb", "step", "e2e_cifar"],
+    "kernels": {"session": 1, "budget_s": 480, "stages": ["tests", "tune", "ema", "lars", "lamb", "step", "e2e_cifar"],
                 "carries": {"CIFAR tar": CIFAR_MIB}},
-    "data": {"stages": ["cosine", "dali", "jpegs", "dali_tests", "data", "e2e_jpeg"],
+    "data": {"session": 1, "budget_s": 240, "stages": ["dali", "jpegs", "dali_tests", "data"],
              "carries": {"the tests' CIFAR extract": TINY_TAR_MIB}},
+    "rest": {"session": 2, "budget_s": 540, "stages": ["cosine", "dali", "jpegs", "e2e_jpeg"], "carries": {}},
 }
+
+
+def session_s(session: int) -> int:
+    """A session's planned device time: one machine start, then its calls back to back, each with its transfers."""
+    return START_S + sum(c["budget_s"] + TRANSFER_S for c in PLAN.values() if c["session"] == session)
 
 
 def dali_parts_mib(manifest: Path | None = None) -> list[float]:
@@ -160,9 +177,11 @@ def prepare(cifar: Path) -> None:
         from bench.dali_bundle import build
 
         build(REPO / DALI_CARRIED)
-    print("call 1: carry ['.gpu/cifar10-jpeg.tar.gz'], command: OUT=$OUT bash bench/gpu_check.sh kernels\n"
-          f"call 2: carry ['{DALI_CARRIED}', '.gpu/cifar-tiny.tar', '{CARRIED_TABLE}' (call 1's, if copied)], command: "
-          "OUT=$OUT bash bench/gpu_check.sh data")
+    print("session 1, call 1: carry ['.gpu/cifar10-jpeg.tar.gz'], command: OUT=$OUT bash bench/gpu_check.sh kernels\n"
+          f"session 1, call 2 (at once, while warm): carry ['{DALI_CARRIED}', '.gpu/cifar-tiny.tar'], command: "
+          "OUT=$OUT bash bench/gpu_check.sh data\n"
+          f"a later session, call 3: carry ['{DALI_CARRIED}', '{CARRIED_TABLE}' (call 1's, if copied)], command: "
+          "OUT=$OUT bash bench/gpu_check.sh rest")
 
 
 def fixed_s(call: str, by_name: dict | None = None) -> int:
@@ -172,29 +191,36 @@ def fixed_s(call: str, by_name: dict | None = None) -> int:
     return RESERVE_S + ENV_S + NEED_CHECK_S * len(needs)
 
 
-def check_plan(budget_s: float = CALL_BUDGET_S, caps: dict | None = None, parts_mib: list[float] | None = None) -> list[str]:
-    """Problems with the plan (none: it fits): every call's caps within its budget less the reserve,
-    every cap at least its stage's minimum, every stage in exactly one call, the carries within the
-    tool's limit."""
+def check_plan(budget_s: float | None = None, caps: dict | None = None, parts_mib: list[float] | None = None,
+               session_limit_s: float = SESSION_S) -> list[str]:
+    """Problems with the plan (none: it fits): every call's caps within its budget (``budget_s``: one for
+    all) less what it spends outside its stages, every cap at least its stage's minimum, every stage in
+    exactly one call (set-up stages aside), each session's start and calls within its device time, the
+    carries within the tool's limit."""
     caps = caps or {}
     by_name = {s.name: s for s in stages(Path("/tmp/plan"), ".gpu/cifar10-jpeg.tar.gz")}
     problems = []
-    planned = [n for call in PLAN.values() for n in call["stages"]]
-    if sorted(planned) != sorted(by_name):
-        problems.append(f"stages in no call or in two: {sorted(set(by_name) ^ set(planned))}")
+    planned = [n for call in PLAN.values() for n in call["stages"] if n not in SETUP_STAGES]
+    if sorted(planned) != sorted(set(by_name) - SETUP_STAGES):
+        problems.append(f"stages in no call or in two: {sorted(set(by_name) - SETUP_STAGES ^ set(planned))}")
     for call, spec in PLAN.items():
+        budget = budget_s if budget_s is not None else spec["budget_s"]
         total = sum(caps.get(n, by_name[n].cap_s) for n in spec["stages"])
         fixed = fixed_s(call, by_name)
-        if total + fixed > budget_s:
+        if total + fixed > budget:
             problems.append(f"call {call}: caps add up to {total} s + {fixed} s of reserve, env.txt and needs checks "
-                            f"> {budget_s:.0f} s")
+                            f"> {budget:.0f} s")
         for n in spec["stages"]:
             if caps.get(n, by_name[n].cap_s) < by_name[n].min_s:
                 problems.append(f"call {call}: {n}'s cap is under its minimum {by_name[n].min_s} s")
-        if budget_s > CALL_BUDGET_S:
-            problems.append(f"call {call}: a budget of {budget_s:.0f} s leaves no slack in a 600 s command")
-    for call, spec in PLAN.items():  # call 2 carries the DALI bundle
-        load = TREE_MIB + sum(spec["carries"].values()) + (sum(parts_mib or []) if call == "data" else 0)
+        if budget > CALL_BUDGET_S:
+            problems.append(f"call {call}: a budget of {budget:.0f} s leaves no slack in a 600 s command")
+    for session in sorted({c["session"] for c in PLAN.values()}):
+        if session_s(session) > session_limit_s:
+            problems.append(f"session {session}: a start ({START_S} s) and its calls come to {session_s(session)} s "
+                            f"> {session_limit_s:.0f} s of device time")
+    for call, spec in PLAN.items():  # a call with the dali stage carries the DALI bundle
+        load = TREE_MIB + sum(spec["carries"].values()) + (sum(parts_mib or []) if "dali" in spec["stages"] else 0)
         if load > CARRY_MIB:
             problems.append(f"call {call} carries {load:.1f} MiB > {CARRY_MIB} MiB (the tool's limit per call)")
     return problems
@@ -206,16 +232,21 @@ def describe_plan(parts_mib: list[float]) -> str:
     for k, (call, spec) in enumerate(PLAN.items(), 1):
         total = sum(by_name[n].cap_s for n in spec["stages"])
         carry = dict(spec["carries"])
-        if call == "data" and parts_mib:
+        if "dali" in spec["stages"] and parts_mib:
             carry[f"the DALI bundle in {DALI_CARRIED}/ ({len(parts_mib)} part{'s' if len(parts_mib) > 1 else ''})"] = round(
                 sum(parts_mib), 1)
-        lines.append(f"call {k} ({call}): {total} s of caps + {fixed_s(call, by_name)} s (reserve, env.txt, needs checks) "
-                     f"<= {CALL_BUDGET_S} s; carries "
+        lines.append(f"call {k} ({call}, session {spec['session']}): {total} s of caps + {fixed_s(call, by_name)} s "
+                     f"(reserve, env.txt, needs checks) <= {spec['budget_s']} s; carries "
                      f"the tree ({TREE_MIB} MiB)" + "".join(f", {n} ({v} MiB)" for n, v in carry.items()))
         lines += [f"  {n}: cap {by_name[n].cap_s} s" + (f", needs {'+'.join(by_name[n].needs)}" if by_name[n].needs else "")
                   for n in spec["stages"]]
+    for session in sorted({c["session"] for c in PLAN.values()}):
+        calls = [c for c, spec in PLAN.items() if spec["session"] == session]
+        lines.append(f"session {session}: a start ({START_S} s) + {' + '.join(calls)} back to back, {TRANSFER_S} s of "
+                     f"transfers each: {session_s(session)} s <= {SESSION_S} s of device time")
     if not parts_mib:
-        lines.append(f"DALI bundle: not built here (python -m bench.dali_bundle build {DALI_CARRIED}); without it call 2 fails")
+        lines.append(f"DALI bundle: not built here (python -m bench.dali_bundle build {DALI_CARRIED}); "
+                     "without it calls 2 and 3 fail")
     return "\n".join(lines)
 
 
@@ -341,7 +372,8 @@ def main(argv=None, *, runner=run_subprocess, clock=time.monotonic, extra_stages
     """``runner(cmd, env, timeout) -> (rc or None when cut, text)`` and ``clock`` are the tests' seams."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--call", choices=sorted(PLAN), default=None, help="one of the plan's two device calls")
-    ap.add_argument("--budget-s", type=float, default=CALL_BUDGET_S, help="seconds for the call's stages together")
+    ap.add_argument("--budget-s", type=float, default=None, help="seconds for the call's stages together (default: "
+                    "the call's in PLAN, else 540)")
     ap.add_argument("--stages", default=None, help="a subset (default: the call's), run in priority order")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--cifar", default=".gpu/cifar10-jpeg.tar.gz",
@@ -366,6 +398,7 @@ def main(argv=None, *, runner=run_subprocess, clock=time.monotonic, extra_stages
         print("\n".join(problems) if problems else "the plan fits")
         return 1 if problems else 0
     t_start = clock()
+    budget = a.budget_s if a.budget_s is not None else PLAN[a.call]["budget_s"] if a.call else CALL_BUDGET_S
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "env.txt").write_text(_env_text(runner))
@@ -376,7 +409,7 @@ def main(argv=None, *, runner=run_subprocess, clock=time.monotonic, extra_stages
     elif a.call is not None:
         wanted = PLAN[a.call]["stages"]
     else:
-        ap.error("--call kernels|data (the plan's two device calls) or --stages")
+        ap.error(f"--call {'|'.join(PLAN)} (the plan's device calls) or --stages")
     unknown = set(wanted) - known
     if unknown:
         ap.error(f"unknown stages {sorted(unknown)}")
@@ -389,20 +422,20 @@ def main(argv=None, *, runner=run_subprocess, clock=time.monotonic, extra_stages
         env.setdefault("TRITON_INTERPRET", "0" if _has_cuda() else "1")
     if not a.tiny and Path(DALI_SITE, "dalisite", "nvidia", "dali").is_dir():  # set up by an earlier call's dali stage
         env = _with_dali(env)
-    info, logs, known = [], {}, {}
+    info, logs, met = [], {}, {}
     for st in all_stages:
         if st.name not in wanted:
             continue
-        left = a.budget_s - (clock() - t_start) - RESERVE_S
+        missing = "" if a.tiny else _needs_met(st.needs, env, runner, met)
+        if missing:  # it could not measure what it exists for: a failure, not a quiet 'not measured'
+            info.append(dict(stage=st.name, rc=3, seconds=0.0, note=f"cannot measure: {missing}"))
+            print(f"== {st.name}: cannot measure: {missing}", flush=True)
+            continue
+        left = budget - (clock() - t_start) - RESERVE_S  # after the needs check: its seconds are spent
         limit = min(caps.get(st.name, st.cap_s), left)
         if limit < (1 if a.tiny else st.min_s):
             info.append(dict(stage=st.name, note=f"skipped: {left:.0f} s left, needs {st.min_s}"))
             print(f"== {st.name}: skipped ({left:.0f} s left)", flush=True)
-            continue
-        missing = "" if a.tiny else _needs_met(st.needs, env, runner, known)
-        if missing:  # it could not measure what it exists for: a failure, not a quiet 'not measured'
-            info.append(dict(stage=st.name, rc=3, seconds=0.0, note=f"cannot measure: {missing}"))
-            print(f"== {st.name}: cannot measure: {missing}", flush=True)
             continue
         print(f"== {st.name} (limit {limit:.0f} s)", flush=True)
         t0 = clock()
@@ -418,7 +451,7 @@ def main(argv=None, *, runner=run_subprocess, clock=time.monotonic, extra_stages
             env["VSSL_LAUNCH_TABLE"] = str(out / "launch_table.json")
         if st.name == "dali" and rc == 0 and not a.tiny:
             env = _with_dali(env)  # the later stages import the bundle
-            known.pop("dali", None)  # asked again in the new environment
+            met.pop("dali", None)  # asked again in the new environment
     rows_path = out / "rows.jsonl"
     rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()] if rows_path.exists() else []
     summary = summarize(rows, info)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The prepared device check (see bench/gpu_check.py; `python -m bench.gpu_check --plan` prints the plan):
-# two calls of at most 540 s each, correctness first, every stage capped; at most 6 files land in $OUT.
+# session 1: call 1 (480 s) then call 2 (240 s) back to back; call 3 (rest) in a later session; at most 6 files in $OUT.
 # On the device machine, from the repo root:
 #   bash bench/gpu_check.sh kernels        # call 1: carries .gpu/cifar10-jpeg.tar.gz
-#   bash bench/gpu_check.sh data           # call 2 (needs nothing from call 1): carries .gpu/dali, .gpu/cifar-tiny.tar
+#   bash bench/gpu_check.sh data           # call 2, at once while warm: carries .gpu/dali, .gpu/cifar-tiny.tar
+#   bash bench/gpu_check.sh rest           # call 3, a later session: carries .gpu/dali
 #   bash bench/gpu_check.sh kernels 300 tests,step   # a budget and a subset of stages
 set -u
-exec python -m bench.gpu_check --call "${1:?usage: gpu_check.sh kernels|data [budget_s] [stages]}" \
-  --budget-s "${2:-540}" ${3:+--stages "$3"} --out "${OUT:-bench/results}"
+exec python -m bench.gpu_check --call "${1:?usage: gpu_check.sh kernels|data|rest [budget_s] [stages]}" \
+  ${2:+--budget-s "$2"} ${3:+--stages "$3"} --out "${OUT:-bench/results}"

@@ -198,7 +198,7 @@ def test_gpu_check_budget_cuts_and_skips_on_a_fake_clock(tmp_path):
     assert rc == 1 and info[0]["rc"] is None and info[1]["note"].startswith("skipped")  # 100 - 15 reserve: tests cut at 85
 
 
-@pytest.mark.parametrize("call", ["kernels", "data"])
+@pytest.mark.parametrize("call", ["kernels", "data", "rest"])
 def test_the_planned_caps_fit_each_call_at_the_default_budget(tmp_path, call, monkeypatch):
     """Each call's stages at their full caps (every one cut at its limit) still all start with their whole cap,
     with env.txt and each need's check taking the seconds the plan allows them (a real call, not --tiny:
@@ -215,7 +215,18 @@ def test_the_planned_caps_fit_each_call_at_the_default_budget(tmp_path, call, mo
     assert all(limit == caps[n] for n, limit in calls)  # nothing squeezed or skipped by another stage's time
     assert len(checks) == len({need for st in gpu_check.stages(out, "") if st.name in gpu_check.PLAN[call]["stages"]
                                for need in st.needs})  # each need checked once
-    assert clock.t + gpu_check.RESERVE_S <= gpu_check.CALL_BUDGET_S <= 540
+    assert clock.t + gpu_check.RESERVE_S <= gpu_check.PLAN[call]["budget_s"] <= gpu_check.CALL_BUDGET_S <= 540
+
+
+def test_each_session_fits_its_device_time_with_one_start():
+    """15 minutes of device time per session, starts and idle waits included: one start, then the session's
+    calls back to back (the first plan's two 540 s calls came to 1,200 s and more)."""
+    from bench import gpu_check
+
+    assert {c["session"] for c in gpu_check.PLAN.values()} == {1, 2}
+    assert gpu_check.session_s(1) == gpu_check.START_S + 480 + 240 + 2 * gpu_check.TRANSFER_S <= gpu_check.SESSION_S
+    assert any("session 1" in p for p in gpu_check.check_plan(session_limit_s=700))
+    assert [n for c in gpu_check.PLAN.values() for n in c["stages"]].count("tests") == 1
 
 
 def test_the_plan_check_catches_caps_over_budget_and_carries_over_the_limit():
@@ -313,7 +324,7 @@ def test_the_dali_sweep_times_the_defaults_first_and_last_and_names_its_choice(t
                for r in rows[:-1])
     assert "1 threads" in rows[1]["note"] and rows[0]["note"].endswith("the defaults")
     last = rows[-1]
-    assert last["path"] == "dali_cpu_only_settings" and last["default"]["data.dali_threads"] == default[0]
+    assert last["path"] == "dali_cpu_only_settings" and last["default"]["data.dali_threads"] == 0  # auto
     assert last["choice"] == "keep the defaults" or last["choice"] == {"data.dali_threads": 1,
                                                                         "data.dali_hw_decoder_load": 0.65}
     assert len(last["rests_on"]["defaults, each timing"]) == 2

@@ -221,16 +221,19 @@ def test_dali_settings_change_only_beyond_the_defaults_drift_and_a_minimum_gain(
 
     d = (8, 0.65)
     # 10% faster than the defaults' best, whose two timings drifted 2%: the pair wins
-    won = choose_dali_settings(d, {d: 1000.0, (4, 0.9): 1100.0, (8, 0.9): 1020.0}, [980.0, 1000.0])
+    won = choose_dali_settings(d, {d: 1000.0, (4, 0.9): 1100.0, (8, 0.9): 1020.0}, [980.0, 1000.0], auto_threads=8)
     assert won["choice"] == {"data.dali_threads": 4, "data.dali_hw_decoder_load": 0.9}
+    assert won["default"] == {"data.dali_threads": 0, "data.dali_hw_decoder_load": 0.65}  # 8 is auto's here
+    auto = choose_dali_settings(d, {d: 1000.0, (8, 0.9): 1100.0}, [1000.0, 1000.0], auto_threads=8)
+    assert auto["choice"] == {"data.dali_threads": 0, "data.dali_hw_decoder_load": 0.9}  # stays auto, not a fixed 8
     assert won["x_default"] == pytest.approx(1.1) and won["default_drift"] == pytest.approx(0.02)
     assert won["rests_on"]["defaults, each timing"] == [980.0, 1000.0]
     # the same gain inside a 12% drift of the defaults: undecided, the defaults stay
-    drift = choose_dali_settings(d, {d: 1000.0, (4, 0.9): 1100.0}, [880.0, 1000.0])
+    drift = choose_dali_settings(d, {d: 1000.0, (4, 0.9): 1100.0}, [880.0, 1000.0], auto_threads=8)
     assert drift["choice"] == "keep the defaults" and drift["fastest"]["data.dali_threads"] == 4
     assert drift["needed_gain"] == pytest.approx(0.12)
     # 2% faster without drift: under the 3% minimum gain
-    small = choose_dali_settings(d, {d: 1000.0, (4, 0.65): 1020.0}, [1000.0, 1000.0])
+    small = choose_dali_settings(d, {d: 1000.0, (4, 0.65): 1020.0}, [1000.0, 1000.0], auto_threads=8)
     assert small["choice"] == "keep the defaults" and small["needed_gain"] == pytest.approx(0.03)
     # the defaults fastest
     assert choose_dali_settings(d, {d: 1000.0, (2, 0.65): 700.0}, [1000.0, 990.0])["choice"] == "keep the defaults"
@@ -264,9 +267,31 @@ def test_launches_per_step_count_the_hosts_launch_calls_and_the_devices_kernels(
     ev = lambda name, dev=cpu: SimpleNamespace(name=name, device_type=dev)  # noqa: E731
     eager = [ev("aten::mm"), ev("cudaLaunchKernel"), ev("cuLaunchKernel"), ev("cudaMemcpyAsync"),
              ev("ampere_sgemm", cuda), ev("triton_lars", cuda), ev("cudaStreamSynchronize")]
-    assert count_launches(eager) == dict(host_launches=3, graph_launches=0, gpu_kernels=2)
+    eager += [ev("Memcpy HtoD (Pinned -> Device)", cuda), ev("Memset (Device)", cuda), ev("cudaLaunchHostFunc")]
+    assert count_launches(eager) == dict(host_launches=3, graph_launches=0, gpu_kernels=2, gpu_copies=2,
+                                         other_launch_apis=["cudaLaunchHostFunc"])  # an API the list misses: named
     captured = [ev("cudaGraphLaunch")] + [ev(f"k{i}", cuda) for i in range(40)]
-    assert count_launches(captured) == dict(host_launches=1, graph_launches=1, gpu_kernels=40)
+    assert count_launches(captured) == dict(host_launches=1, graph_launches=1, gpu_kernels=40, gpu_copies=0,
+                                            other_launch_apis=[])
+
+
+def test_launches_are_profiled_after_every_case_is_timed(monkeypatch):
+    """CUPTI stays attached once the profiler starts: the kept fast steps are profiled at the end, each
+    giving a 'launches' row after every timing row."""
+    import torch
+
+    import bench.bench_step as bs
+
+    order = []
+    monkeypatch.setattr(bs, "profile_launches", lambda step, xs: order.append("profile") or {"host_launches": 7})
+    kept, emitted = [], []
+    rows = bs.run_case(16, 2, torch.device("cpu"), True, graph_modes=("off", "on"), keep=kept,
+                       emit=lambda r: emitted.append(r.get("kind", "timing")))
+    assert len(kept) == 2 and order == [] and all(r.get("kind") != "launches" for r in rows)
+    out = bs.profile_kept(kept, emit=lambda r: emitted.append(r["kind"]))
+    assert [r["variant"] for r in out] == [r["variant"] for r in rows if r["variant"].startswith("b_fast")]
+    assert order == ["profile"] * 2 and emitted[-2:] == ["launches"] * 2 and "launches" not in emitted[:-2]
+    assert kept == [] and out[0]["host_launches"] == 7
 
 
 def test_the_step_variants_time_each_resolved_compile_mode_once():

@@ -93,6 +93,16 @@ def init_distributed(timeout_s: int, force_cpu: bool = False, capture: bool = Fa
     return info
 
 
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(abort: bool = False) -> None:
+    """Leave the process group. ``abort`` (a collective is stuck or a peer lost): abort it where the backend
+    can (NCCL), else leave it for the process's exit; ``destroy_process_group`` would wait for the stuck
+    collective (torch >= 2.6) and hang before the run's error line."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if abort:
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception:  # noqa: BLE001 - gloo cannot abort; the process exits next
+            pass
+        return
+    dist.destroy_process_group()

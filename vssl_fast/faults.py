@@ -35,7 +35,7 @@ import sys
 import traceback
 
 __all__ = ["Failure", "RunDirError", "DataError", "CheckpointError", "NonFiniteError", "WriteError",
-           "DistributedError", "Preempted", "StopRequested", "classify", "run", "one_line",
+           "DistributedError", "Preempted", "StopRequested", "classify", "run", "one_line", "exit_now",
            "install_stop_signals", "restore_signals", "stop_requested", "raise_if_stop_agreed"]
 
 
@@ -147,6 +147,17 @@ def run(fn, argv: list[str]) -> int:
         return code
     finally:
         _stop["held"] -= 1
+
+
+def exit_now(code: int) -> None:
+    """Leave at once with ``code`` (logs and streams flushed, no interpreter finalizers): after a stuck
+    collective, whose process group was aborted, a finalizer of that group could wait on it forever."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ----------------------------------------------------------------------------- the stop flag

@@ -151,7 +151,7 @@ class CounterReader:
     DEPTH = 4
 
     def __init__(self, device: torch.device, depth: int = DEPTH, timeout_s: float = 1800.0):
-        self.cuda = device.type == "cuda"
+        self.cuda, self.device = device.type == "cuda", device
         self.depth, self.timeout_s = depth, timeout_s
         self.host = torch.zeros(depth, dtype=torch.int64, pin_memory=self.cuda)
         self.events = [torch.cuda.Event() if self.cuda else None for _ in range(depth)]
@@ -169,7 +169,7 @@ class CounterReader:
         self.next_slot = (slot + 1) % self.depth
         self.host[slot].copy_(counter.reshape(()), non_blocking=self.cuda)
         if self.cuda:
-            self.events[slot].record()
+            self.events[slot].record(torch.cuda.current_stream(self.device))  # this device's, not the current one's
         self.pending.append((slot, step))
         return self._read(max(0, len(self.pending) - (self.depth - 1)))
 
@@ -190,7 +190,7 @@ class CounterReader:
         here rather than a blocking read that waits forever. Reads nothing; a no-op on the CPU."""
         if self.cuda:
             ev = torch.cuda.Event()
-            ev.record()
+            ev.record(torch.cuda.current_stream(self.device))
             wait_for(ev.query, self.timeout_s, what)
 
 

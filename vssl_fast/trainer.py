@@ -450,9 +450,11 @@ class Trainer:
         self.monitor.close()
         return results
 
-    def close(self):
+    def close(self, abort: bool = False):
+        """Signals restored, the process group left (``abort``: a collective is stuck, see ``cleanup``),
+        the run dir released."""
         faults.restore_signals()
         try:
-            cleanup()
+            cleanup(abort)
         finally:
             self.claim.release()  # the last thing: another start may own the run dir from here on

@@ -443,9 +443,9 @@ def saving(state, d, step, keep=2):
     os.kill(os.getpid(), signal.SIGTERM)  # the first at step 2; each later one arrives during a save
     return save(state, d, step, keep)
 
-def cleaning():
+def cleaning(abort=False):
     os.kill(os.getpid(), signal.SIGTERM)  # after restore_signals(): the process is on its way out
-    cleanup()
+    cleanup(abort)
 
 checkpoint.save_checkpoint, trainer.cleanup = saving, cleaning
 sys.exit(train.main(sys.argv[2:]))
@@ -505,3 +505,56 @@ def test_a_bug_keeps_its_traceback_and_exit_1(capsys):
 def test_nonsensical_values_are_config_errors_naming_the_key(arg, key):
     with pytest.raises(ConfigError, match=rf"^{key}: "):
         load_config(["--preset", "smoke", arg])
+
+
+def test_a_stuck_collective_aborts_the_group_prints_its_line_and_leaves_at_once(monkeypatch, capsys):
+    """Exit 8 for a stuck collective: destroying the process group would wait for it (torch >= 2.6) and hang
+    before the error line, so train.py aborts the group, prints the line, and exits without finalizers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    closed, left = [], []
+
+    class StuckTrainer:
+        def __init__(self, cfg):
+            pass
+
+        def fit(self):
+            raise faults.DistributedError("the step's skip count (slot 1) did not complete within dist.timeout_s=5 s")
+
+        def close(self, abort=False):
+            closed.append(abort)
+
+    monkeypatch.setattr(script, "Trainer", StuckTrainer)
+    monkeypatch.setattr(faults, "exit_now", lambda code: left.append(code))
+    assert script.main(["--preset", "smoke"]) == 8
+    assert closed == [True] and left == [8]
+    assert "did not complete within dist.timeout_s=5 s" in capsys.readouterr().err
+
+    class OtherFailure(StuckTrainer):
+        def fit(self):
+            raise faults.DataError("a bad folder")
+
+    monkeypatch.setattr(script, "Trainer", OtherFailure)
+    assert script.main(["--preset", "smoke"]) == 4 and closed[-1] is False and left == [8]  # destroyed as usual
+
+
+def test_cleanup_aborts_instead_of_destroying_when_asked(monkeypatch):
+    from vssl_fast import distributed
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a: calls.append("destroy"))
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda *a: calls.append("abort"))
+    distributed.cleanup(abort=True)
+    distributed.cleanup()
+    assert calls == ["abort", "destroy"]
+
+    def gloo(*a):
+        raise RuntimeError("abort is only supported by NCCL")
+
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", gloo)
+    distributed.cleanup(abort=True)  # a backend that cannot abort: left for the process's exit, never destroyed
+    assert calls == ["abort", "destroy"]

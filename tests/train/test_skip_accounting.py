@@ -135,9 +135,11 @@ def test_settle_waits_for_the_device_queue_with_the_timeout(monkeypatch):
 
     done = {"v": False}
 
+    recorded = []
+
     class Event:
-        def record(self):
-            pass
+        def record(self, stream=None):
+            recorded.append(stream)
 
         def query(self):
             return done["v"]
@@ -145,12 +147,14 @@ def test_settle_waits_for_the_device_queue_with_the_timeout(monkeypatch):
     r = CounterReader(torch.device("cpu"), timeout_s=0.05)
     r.settle("never on a CPU")  # nothing queued anywhere but the host: returns at once
     monkeypatch.setattr(torch.cuda, "Event", Event)
-    r.cuda = True  # the CUDA branch, its event faked
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    r.cuda, r.device = True, torch.device("cuda", 1)  # the CUDA branch, its event faked
     with pytest.raises(DistributedError, match=r"step 7 did not complete within dist.timeout_s=0.05 s") as e:
         r.settle("step 7")
     assert e.value.exit_code == 8
     done["v"] = True
     r.settle("step 8")
+    assert recorded == ["stream of cuda:1"] * 2  # on the reader's device, not whichever is current
 
 
 def test_the_trainer_settles_before_every_log_point_and_evaluation(cifar_tiny_tar, tmp_path, monkeypatch):

@@ -237,3 +237,10 @@ def test_the_sync_counter_sees_torch_sync_batchnorms_empty_rank_mask():
         mask = count_all.squeeze(-1) >= 1  # torch's empty-rank mask
         count_all, mean_all, invstd_all = count_all[mask], mean_all[mask], invstd_all[mask]
     assert dict(counter.syncs) == {"index (boolean mask)": 3}
+    # and that is torch's code: the installed torch.nn.SyncBatchNorm indexes these three with its mask
+    import inspect
+
+    from torch.nn.modules import _functions
+
+    src = inspect.getsource(_functions.SyncBatchNorm.forward)
+    assert all(f"{t} = {t}[mask]" in src for t in ("count_all", "mean_all", "invstd_all")), "torch's mask changed"
