@@ -165,7 +165,8 @@ def signature(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t.stride(), t.shape, t.dtype
 
 
-_PAIR_PLANS: dict = {}
+_PAIR_PLANS: dict = {}  # key -> plan, least recently used first
+PAIR_PLANS_MAX = 16
 
 
 def pair_plan(family: str, a: list[torch.Tensor], b: list[torch.Tensor], device, validate, dtypes):
@@ -180,8 +181,10 @@ def pair_plan(family: str, a: list[torch.Tensor], b: list[torch.Tensor], device,
     """
     block = block_size(family, device)
     key = (family, block, tuple(map(signature, a)), tuple(map(signature, b)))
-    plan = _PAIR_PLANS.get(key)
-    if plan is None:
+    plan = _PAIR_PLANS.pop(key, None)
+    if plan is not None:
+        _PAIR_PLANS[key] = plan  # the most recently used last: the oldest goes first when the cache is full
+    else:
         validate(a, b)
         by_dtype: dict = {}
         for i, x in enumerate(a):
@@ -194,8 +197,8 @@ def pair_plan(family: str, a: list[torch.Tensor], b: list[torch.Tensor], device,
             px, py = ptr_list([a[i] for i in idx]), ptr_list([b[i] for i in idx])
             plan.append((dt, idx, BlockMap([a[i] for i in idx], device, block), device_int_tensor(px, device),
                          device_int_tensor(py, device), aligned(px, py)))
-        if len(_PAIR_PLANS) >= 16:
-            _PAIR_PLANS.clear()
+        if len(_PAIR_PLANS) >= PAIR_PLANS_MAX:  # least recently used out (clearing all rebuilt the live ones too)
+            del _PAIR_PLANS[next(iter(_PAIR_PLANS))]
         _PAIR_PLANS[key] = plan
     note_capture(plan, device)
     return plan

@@ -425,3 +425,23 @@ def test_plans_used_in_a_cuda_graph_capture_are_kept_alive(monkeypatch):
     mt.note_capture(plan, torch.device("cuda"))
     mt.note_capture(plan, torch.device("cuda"))
     assert len(mt._CAPTURED) == 1 and mt._CAPTURED[0] is plan
+
+
+def test_pair_plans_in_use_survive_a_full_cache(kernel_device, monkeypatch):
+    """The pair-plan cache drops its least recently used plan when full: a step's plans stay cached however
+    many other plans a long-lived process made before (clearing the whole cache rebuilt them mid-run,
+    and the launch guard counted those rebuilds in a suite run)."""
+    monkeypatch.setattr(mt, "_PAIR_PLANS", {("old", i): [] for i in range(mt.PAIR_PLANS_MAX - 1)})
+    built = []
+    real = mt.device_int_tensor
+    monkeypatch.setattr(mt, "device_int_tensor", lambda *a: built.append(1) or real(*a))
+    t1, s1 = [torch.zeros(40, device=kernel_device)], [torch.ones(40, device=kernel_device)]
+    t2, s2 = [torch.zeros(24, device=kernel_device)], [torch.ones(24, device=kernel_device)]
+    ema_update_(t1, s1, 0.9, impl="triton")
+    ema_update_(t2, s2, 0.9, impl="triton")
+    first = len(built)  # the two plans' tables, built once
+    for _ in range(3):  # two live plans alternating in a cache that had one free slot
+        ema_update_(t1, s1, 0.9, impl="triton")
+        ema_update_(t2, s2, 0.9, impl="triton")
+    assert first > 0 and len(built) == first, "a live plan was rebuilt"
+    assert len(mt._PAIR_PLANS) == mt.PAIR_PLANS_MAX and ("old", 0) not in mt._PAIR_PLANS

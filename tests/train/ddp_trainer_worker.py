@@ -72,3 +72,9 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    # the state is saved and the group left: skip the interpreter's teardown, where a rank of the interpreter
+    # (TRITON_INTERPRET=1) bf16 run once died by SIGABRT ("terminate called without an active exception")
+    # after a complete run, failing the launch that the comparison had already passed
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
