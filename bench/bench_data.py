@@ -140,6 +140,15 @@ def rate_row(t: Timing, batch: int) -> dict:
                 batch_p80_ms=t.p80, batches=t.samples, warmup_batches=t.warmup, timed_s=t.timed_s, timer=t.timer)
 
 
+def dali_loader(train, specs, batch: int, device, **settings):
+    """The product's DALI loader as the benchmarks time it: the trainer's default reader processes
+    (min(4, cores) on a card, none on a CPU), ``settings`` (threads, hw_decoder_load) passed on."""
+    from vssl_fast.data.folder_dali import DaliTwoViewLoader
+
+    workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+    return DaliTwoViewLoader(train, specs, batch, 0, 0, 1, device, False, torch.float32, workers=workers, **settings)
+
+
 def dali_grid(threads: str, hw_load: str) -> list[tuple[int, float]]:
     """The sweep's (data.dali_threads, data.dali_hw_decoder_load) pairs from two comma lists ('' = the
     default alone); threads 0 is auto, resolved as the product resolves it."""
@@ -230,12 +239,8 @@ def run(tiny: bool, jpeg_dir: Path, device, emit=None, reps: Reps | None = None,
              f"in {made_s:.0f} s)")
     ok, why = dali_available()
     if ok:
-        from vssl_fast.data.folder_dali import DaliTwoViewLoader
-
-        workers = min(4, cores) if device.type == "cuda" else 0  # the trainer's default reader processes
         made = []  # the loader timed, for its own account of the pipeline it built
-        mk = lambda: made.append(DaliTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, False,  # noqa: E731
-                                                   torch.float32, workers=workers)) or made[-1]
+        mk = lambda: made.append(dali_loader(train, ispecs, bsj, device)) or made[-1]  # noqa: E731
         t, got, left = time_loader(mk, reps)
         r = rate_row(t, got)
         add(path="dali" if made[-1].device_id is not None else "dali_cpu_only", crop=crop, batch=got, **r,
@@ -259,19 +264,17 @@ def sweep_dali(train, ispecs, bsj, device, reps, grid, base, crop, sz, add) -> N
     and last (their drift over the sweep), every row emitted as it ends, then the ``dali_settings``
     row (``choose_dali_settings``), each to ``add``."""
     from vssl_fast.config import DataConfig
-    from vssl_fast.data.folder_dali import DaliTwoViewLoader, dali_threads
+    from vssl_fast.data.folder_dali import dali_threads
 
     d = DataConfig()
     default = (dali_threads(d.dali_threads), d.dali_hw_decoder_load)
     order = [default] + [g for g in grid if g != default] + [default]
-    workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
     rates, default_rates, pfx = {}, [], "dali"
     for threads, hw in order:
         made = []
 
         def mk(made=made, threads=threads, hw=hw):
-            made.append(DaliTwoViewLoader(train, ispecs, bsj, 0, 0, 1, device, False, torch.float32, workers=workers,
-                                          threads=threads, hw_decoder_load=hw))
+            made.append(dali_loader(train, ispecs, bsj, device, threads=threads, hw_decoder_load=hw))
             return made[-1]
 
         t, got, left = time_loader(mk, reps)

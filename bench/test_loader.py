@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.bench_data import Batches, make_jpegs
+from bench.bench_data import Batches, dali_loader, make_jpegs
 from bench.common import bench_device
 from bench.conftest import CUDA, GPU_ONLY, SMOKE
 from bench.timing import LOADER
@@ -62,7 +62,7 @@ def test_cifar_device_loader(benchmark, measure):
 @GPU_ONLY
 @pytest.mark.parametrize("path", ["torchvision_cpu_baseline", "dali", "torchvision_nvjpeg"])
 def test_jpeg_folder_loader(benchmark, measure, same_run, path):
-    from vssl_fast.data import folder, folder_dali, folder_torchvision
+    from vssl_fast.data import folder, folder_torchvision
     from vssl_fast.data.augment import view_specs
 
     n, bs, crop = (32, 8, 64) if SMOKE else (4096, 256, 224)
@@ -75,13 +75,12 @@ def test_jpeg_folder_loader(benchmark, measure, same_run, path):
         ok, why = folder.dali_available()
         if not ok:
             pytest.skip(f"DALI: {why}")
-        workers = min(4, cores) if CUDA else 0  # as bench_data: DALI's reader processes on a card
-        ld = folder_dali.DaliTwoViewLoader(train, specs, bs, 0, 0, 1, device, False, torch.float32, workers=workers)
+        ld = dali_loader(train, specs, bs, device)  # as bench_data times it
     else:
         ld = folder_torchvision.NvjpegTwoViewLoader(train, specs, bs, 0, 0, 1, device, min(cores, 8), False, torch.float32)
     if path == "dali" and ld.device_id is None:
         path = "dali_cpu_only"  # what ran: DALI's CPU pipeline (no CUDA device), not the GPU one
-    benchmark.extra_info["pipeline"] = ld.describe()
+    benchmark.extra_info["pipeline"] = ld.describe() if hasattr(ld, "describe") else f"torchvision PIL, {cores} workers"
     t, _ = _time(benchmark, measure, ld, "jpeg folder loader per batch", path=path)
     if t is None:
         return
